@@ -1,0 +1,127 @@
+"""`selective_scan_fn`: mamba_ssm's signature and semantics, dispatched to the best backend for the tensors.
+
+Backends (environment variable HYMUNET_SCAN_BACKEND=auto|cuda|numba|torch|reference, default auto):
+- cuda: mamba_ssm's fused CUDA kernel; needs mamba_ssm's compiled extension and CUDA tensors.
+- numba: a fused CPU kernel that keeps the state in registers (CPU tensors).
+- torch: a chunked pure-PyTorch scan (any device).
+- reference: the plain sequential loop (tests and benchmarks).
+auto picks cuda for CUDA tensors when mamba_ssm imports, numba for CPU tensors when numba imports, torch otherwise.
+Asking for a backend that cannot run on the given tensors raises instead of silently falling back.
+"""
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nnunetv2_hymunet.errors import HyMUNetError
+
+BACKENDS = ("auto", "cuda", "numba", "torch", "reference")
+ENV_VAR = "HYMUNET_SCAN_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_kernel():
+    """mamba_ssm's CUDA selective_scan_fn, or None when its compiled extension does not import."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as cuda_selective_scan_fn
+    except Exception:  # ImportError, or an ABI mismatch surfacing as OSError / ImportError "undefined symbol"
+        return None
+    return cuda_selective_scan_fn
+
+
+@functools.lru_cache(maxsize=None)
+def numba_available() -> bool:
+    try:
+        from nnunetv2_hymunet.ssm import scan_numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def requested_backend() -> str:
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise HyMUNetError(f"{ENV_VAR}={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def resolve_backend(device: torch.device, requested: str = None) -> str:
+    """The backend that will run for tensors on `device` (raises if `requested` cannot run there)."""
+    requested = requested or requested_backend()
+    device = torch.device(device)
+    if requested == "auto":
+        if device.type == "cuda" and mamba_ssm_kernel() is not None:
+            return "cuda"
+        if device.type == "cpu" and numba_available():
+            return "numba"
+        return "torch"
+    if requested == "cuda":
+        if mamba_ssm_kernel() is None:
+            raise HyMUNetError(f"{ENV_VAR}=cuda but mamba_ssm's CUDA kernel does not import "
+                               "(install the [cuda] extra on a machine with CUDA)")
+        if device.type != "cuda":
+            raise HyMUNetError(f"{ENV_VAR}=cuda but the tensors are on {device}, not on a CUDA device")
+    if requested == "numba":
+        if device.type != "cpu":
+            raise HyMUNetError(f"{ENV_VAR}=numba runs on CPU tensors only, got tensors on {device}")
+        if not numba_available():
+            raise HyMUNetError(f"{ENV_VAR}=numba but numba does not import")
+    return requested
+
+
+def _core_for(backend: str):
+    if backend == "reference":
+        from nnunetv2_hymunet.ssm.scan_reference import selective_scan_core_reference as core
+    elif backend == "numba":
+        from nnunetv2_hymunet.ssm.scan_numba import selective_scan_core_numba as core
+    else:
+        from nnunetv2_hymunet.ssm.scan_torch import selective_scan_core_torch as core
+    return core
+
+
+def _as_grouped(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    """(batch, N, L) -> (batch, 1, N, L); (batch, G, N, L) stays, with G dividing dim."""
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.dim() == 4:
+        if dim % x.shape[1]:
+            raise ValueError(f"{name} has {x.shape[1]} groups, which does not divide dim={dim}")
+        return x
+    raise ValueError(f"{name} must be (batch, N, L) or (batch, G, N, L), got shape {tuple(x.shape)}")
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """Selective scan (Mamba S6) with mamba_ssm's semantics.
+
+    u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,).
+    Returns out (batch, dim, L) in u's dtype, and the last state (batch, dim, N) in the compute dtype when
+    return_last_state. The recurrence runs in float32 (float64 for float64 inputs), also under autocast.
+    """
+    backend = resolve_backend(u.device)
+    if backend == "cuda":
+        return mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if A.is_complex():
+        raise ValueError("complex A is not supported")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape or A.shape[0] != dim:
+        raise ValueError(f"shape mismatch: u {tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}")
+    compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_c = u.to(compute_dtype)
+        delta_c = delta.to(compute_dtype)
+        if delta_bias is not None:
+            delta_c = delta_c + delta_bias.to(compute_dtype)[:, None]
+        if delta_softplus:
+            delta_c = F.softplus(delta_c)
+        B_c = _as_grouped(B, "B", dim).to(compute_dtype)
+        C_c = _as_grouped(C, "C", dim).to(compute_dtype)
+        y, last_state = _core_for(backend)(u_c, delta_c, A.to(compute_dtype), B_c, C_c)
+        if D is not None:
+            y = y + u_c * D.to(compute_dtype)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(compute_dtype))
+        out = y.to(u.dtype)
+    return (out, last_state) if return_last_state else out
