@@ -1,0 +1,54 @@
+"""Reading the releases' 2D files (JPEG, TIF, GIF, PNG) with Pillow and writing nnU-Net's PNGs.
+
+Pillow is used for every 2D format: it decodes GIFs as single 2-D frames (skimage/imageio return (1, H, W, 3) for the
+DRIVE GIFs) and writes deterministic PNGs, so serial and parallel conversions are byte-identical.
+"""
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Pillow raises these for missing, truncated or non-image files
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+
+
+def open_rgb(path: str) -> Image.Image:
+    """A fully decoded RGB image (grey or CMYK inputs are converted; decoding errors surface here, not later)."""
+    with Image.open(path) as image:
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_single_channel(path: str) -> np.ndarray:
+    """A 2-D uint8 array from a one-channel file (L, 1-bit or palette). Raises ValueError for colour files."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode == "P":  # GIF and some PNG masks: map palette indices to their grey values
+            image = image.convert("L")
+        elif image.mode == "1":
+            return np.asarray(image, dtype=np.uint8) * np.uint8(255)
+        elif image.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
+            raise ValueError(f"expected a single-channel image, got mode {image.mode} with {len(image.getbands())} "
+                             f"channels")
+        return np.asarray(image)
+
+
+def read_binary_gif(path: str) -> np.ndarray:
+    """DRIVE's vessel and FOV GIFs as a boolean 2-D map, binarised at 128 (some releases' GIFs are not pure 0/255)."""
+    with Image.open(path) as image:
+        image.load()
+        grey = np.asarray(image.convert("L"))
+    return grey >= 128
+
+
+def present_values(array: np.ndarray) -> list[int]:
+    """The distinct values of a label map (bincount for uint8, which is much faster than np.unique)."""
+    if array.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(array.ravel(), minlength=256)).tolist()
+    return np.unique(array).tolist()
+
+
+def save_png(image, path: str) -> None:
+    """Write a PIL image or a uint8 array (HxW or HxWx3) as PNG with Pillow's default settings."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image.save(path, format="PNG")

@@ -1,0 +1,175 @@
+"""Fused CPU selective scan compiled with numba.
+
+Forward: one parallel task per (batch, channel); the N-vector state lives in a small local array and only the
+output, the last state and a checkpoint of the state every CHUNK steps are written (never all (b, d, L, N) states).
+Backward: per channel, chunks are visited in reverse; each chunk's states are recomputed from its checkpoint into
+a CHUNK x N scratch buffer and the adjoint is swept backwards through it. dB and dC are sums over the channels of
+a group; each parallel task owns a block of channels and its own partial (L, N) buffer, and the blocks are summed
+afterwards, so the result is race-free and independent of thread scheduling.
+
+Every step multiplies by exp(delta * A) directly (no exp(-cumsum) closed form), so any delta / A is stable.
+Kernels are compiled per dtype (float32, float64) on first use and cached on disk (cache=True).
+"""
+
+import math
+import threading
+
+import numba
+import numpy as np
+import torch
+
+CHUNK = 64  # steps between forward checkpoints; the backward scratch buffer is CHUNK x N
+_launch_lock = threading.Lock()  # numba's workqueue threading layer must not be entered by two threads at once
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, save_checkpoints, y, last_state, checkpoints):
+    """u, delta (b, d, L); A (d, N); Bt, Ct (b, G, L, N) -> y (b, d, L), last_state (b, d, N), checkpoints."""
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    for task in numba.prange(batch * dim):
+        b = task // dim
+        d = task % dim
+        g = d // group_size
+        h = np.zeros(n_state, dtype=u.dtype)
+        decay = np.empty(n_state, dtype=u.dtype)
+        for t in range(length):
+            if save_checkpoints and t % chunk == 0:
+                checkpoints[b, d, t // chunk, :] = h  # state before step t
+            dt = delta[b, d, t]
+            dtu = dt * u[b, d, t]
+            for n in range(n_state):
+                decay[n] = math.exp(dt * A[d, n])
+            acc = 0.0
+            for n in range(n_state):
+                hn = decay[n] * h[n] + dtu * Bt[b, g, t, n]
+                h[n] = hn
+                acc += hn * Ct[b, g, t, n]
+            y[b, d, t] = acc
+        last_state[b, d, :] = h
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, chunk, blocks_per_group,
+                     du, ddelta, dA_per_batch, dB_blocks, dC_blocks):
+    """Adjoint sweep. dA_per_batch (b, d, N); dB_blocks, dC_blocks (b, G, blocks_per_group, L, N), zero-filled."""
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    groups = Bt.shape[1]
+    n_chunks = checkpoints.shape[2]
+    block_size = (group_size + blocks_per_group - 1) // blocks_per_group
+    for task in numba.prange(batch * groups * blocks_per_group):
+        b = task // (groups * blocks_per_group)
+        g = (task // blocks_per_group) % groups
+        blk = task % blocks_per_group
+        d_start = g * group_size + blk * block_size
+        d_stop = min(d_start + block_size, (g + 1) * group_size)
+        n_dims = max(d_stop - d_start, 0)
+        states = np.empty((chunk + 1, n_state), dtype=u.dtype)
+        decays = np.empty((chunk, n_state), dtype=u.dtype)
+        # adjoint carried into the chunk from the future, a_{t+1} * g_{t+1} (+ dlast at the end); one row per channel
+        adjoint = np.empty((n_dims, n_state), dtype=u.dtype)
+        grad_A = np.zeros((n_dims, n_state), dtype=u.dtype)
+        for i in range(n_dims):
+            adjoint[i, :] = dlast[b, d_start + i, :]
+        # chunks outermost so this block's (chunk, N) slice of dB/dC stays in cache across its channels
+        for c in range(n_chunks - 1, -1, -1):
+            t0 = c * chunk
+            t1 = min(t0 + chunk, length)
+            for i in range(n_dims):
+                d = d_start + i
+                states[0, :] = checkpoints[b, d, c, :]
+                for t in range(t0, t1):
+                    k = t - t0
+                    dt = delta[b, d, t]
+                    dtu = dt * u[b, d, t]
+                    for n in range(n_state):
+                        decays[k, n] = math.exp(dt * A[d, n])
+                    for n in range(n_state):
+                        states[k + 1, n] = decays[k, n] * states[k, n] + dtu * Bt[b, g, t, n]
+                for t in range(t1 - 1, t0 - 1, -1):
+                    k = t - t0
+                    dt = delta[b, d, t]
+                    ut = u[b, d, t]
+                    dyt = dy[b, d, t]
+                    sum_gB = 0.0
+                    sum_Agah = 0.0
+                    for n in range(n_state):
+                        gn = adjoint[i, n] + dyt * Ct[b, g, t, n]
+                        dC_blocks[b, g, blk, t, n] += dyt * states[k + 1, n]
+                        dB_blocks[b, g, blk, t, n] += gn * dt * ut
+                        sum_gB += gn * Bt[b, g, t, n]
+                        gah = gn * decays[k, n] * states[k, n]
+                        sum_Agah += A[d, n] * gah
+                        grad_A[i, n] += dt * gah
+                        adjoint[i, n] = decays[k, n] * gn
+                    du[b, d, t] = dt * sum_gB
+                    ddelta[b, d, t] = ut * sum_gB + sum_Agah
+        for i in range(n_dims):
+            dA_per_batch[b, d_start + i, :] = grad_A[i, :]
+
+
+def _num_threads() -> int:
+    """Follow torch's intra-op thread setting (which users and nnU-Net already tune) without exceeding numba's pool."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _launch(kernel, *args):
+    with _launch_lock:
+        numba.set_num_threads(_num_threads())
+        kernel(*args)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().contiguous().numpy()
+
+
+class _NumbaSelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        batch, dim, length = u.shape
+        groups = B.shape[1]
+        Bt = B.detach().transpose(-1, -2).contiguous()  # (b, G, L, N): the N values of one step are contiguous
+        Ct = C.detach().transpose(-1, -2).contiguous()
+        u = u.detach().contiguous()
+        delta = delta.detach().contiguous()
+        A = A.detach().contiguous()
+        save = any(ctx.needs_input_grad)
+        n_chunks = (length + CHUNK - 1) // CHUNK if save else 1
+        y = u.new_empty(batch, dim, length)
+        last_state = u.new_empty(batch, dim, A.shape[1])
+        checkpoints = u.new_empty(batch, dim, n_chunks, A.shape[1])
+        _launch(_forward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dim // groups, CHUNK,
+                save, y.numpy(), last_state.numpy(), checkpoints.numpy())
+        if save:
+            ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
+        return y, last_state
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
+        batch, dim, length = u.shape
+        groups, n_state = Bt.shape[1], A.shape[1]
+        group_size = dim // groups
+        # enough blocks per group to keep every thread busy; each block costs one (L, N) partial buffer for dB and dC
+        blocks_per_group = min(group_size, max(1, -(-2 * _num_threads() // (batch * groups))))
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(delta)
+        dA_per_batch = u.new_empty(batch, dim, n_state)
+        dB_blocks = u.new_zeros(batch, groups, blocks_per_group, length, n_state)
+        dC_blocks = u.new_zeros(batch, groups, blocks_per_group, length, n_state)
+        _launch(_backward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), _np(dy), _np(dlast),
+                checkpoints.numpy(), group_size, CHUNK, blocks_per_group, du.numpy(), ddelta.numpy(),
+                dA_per_batch.numpy(), dB_blocks.numpy(), dC_blocks.numpy())
+        dB = dB_blocks.sum(2).transpose(-1, -2) if blocks_per_group > 1 else dB_blocks[:, :, 0].transpose(-1, -2)
+        dC = dC_blocks.sum(2).transpose(-1, -2) if blocks_per_group > 1 else dC_blocks[:, :, 0].transpose(-1, -2)
+        return du, ddelta, dA_per_batch.sum(0), dB, dC
+
+
+def selective_scan_core_numba(u, delta, A, B, C):
+    """Same contract as `scan_reference.selective_scan_core_reference` (CPU tensors, float32 or float64)."""
+    if u.device.type != "cpu":
+        raise ValueError(f"the numba scan runs on CPU tensors, got {u.device}")
+    if u.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the numba scan computes in float32 or float64, got {u.dtype}")
+    return _NumbaSelectiveScan.apply(u, delta, A, B, C)
