@@ -21,7 +21,8 @@ from nnunetv2_hymunet.errors import HyMUNetError
 # (split, image folder, ground-truth folder, nnU-Net image folder, nnU-Net label folder)
 RELEASE_SPLITS = (
     ("training", "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth", "imagesTr", "labelsTr"),
-    ("validation", "ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth", "imagesTs", "labelsTs"),
+    ("validation", "ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth",
+     "imagesTs", "labelsTs"),
     ("test", "ISIC2018_Task1-2_Test_Input", "ISIC2018_Task1_Test_GroundTruth", "imagesTs", "labelsTs"),
 )
 IMAGE_PATTERN = re.compile(r"^(ISIC_\d{7})\.jpg$")

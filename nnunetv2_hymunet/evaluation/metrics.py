@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "specificity")
@@ -127,13 +126,23 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+    """Foreground voxels with at least one face neighbour in the background; outside the array counts as
+    background. Same result as `mask & ~binary_erosion(mask, cross structure, border_value=0)`, computed with
+    shifted views (a few times faster than scipy's generic erosion)."""
+    padded = np.pad(mask, 1)
+    core = tuple(slice(1, -1) for _ in range(mask.ndim))
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for step in (-1, 1):
+            shifted = list(core)
+            shifted[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            interior &= padded[tuple(shifted)]
+    return mask & ~interior
 
 
 def _nearest_distances(from_points: np.ndarray, to_points: np.ndarray, n_shared: int, workers: int) -> np.ndarray:
     """Distance of every point in from_points to its nearest neighbour in to_points, plus n_shared zeros for the
-    surface voxels the two surfaces have in common (they need no query)."""
+    surface voxels the two surfaces have in common."""
     distances, _ = cKDTree(to_points).query(from_points, k=1, workers=workers)
     return np.concatenate([np.zeros(n_shared), distances])
 
@@ -143,22 +152,22 @@ def directed_surface_distances(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(distances pred-surface -> ref-surface, distances ref-surface -> pred-surface); both masks non-empty.
 
-    Surfaces come from a binary erosion of the union bounding box plus one voxel (the margin makes the image border
-    count as background, as padding would). Nearest surface voxels are found exactly with a k-d tree over the
-    surface voxel coordinates scaled by spacing: it costs O(surface log surface) instead of a Euclidean distance
-    transform over every voxel of the box, which measured several times slower on BraTS-sized volumes
-    (docs/benchmarks.md). `distance_transform_edt` is used as the independent check in the tests.
+    Surfaces are extracted inside the union bounding box plus one voxel. Nearest surface voxels are found exactly
+    with a k-d tree over the surface voxel coordinates scaled by spacing: O(surface log surface) instead of a
+    Euclidean distance transform over every voxel of the box, which measured several times slower on BraTS-sized
+    volumes (scripts/bench_hd95.py, docs/benchmarks.md). Voxels on both surfaces have distance 0 and are not queried.
     """
     box = _bounding_box(pred | ref, margin=1)
     pred_surface, ref_surface = _surface(pred[box]), _surface(ref[box])
-    n_shared = int(np.count_nonzero(pred_surface & ref_surface))
     scale = np.asarray(spacing, dtype=np.float64)
-    pred_points, ref_points = np.argwhere(pred_surface) * scale, np.argwhere(ref_surface) * scale
-    pred_only = np.argwhere(pred_surface & ~ref_surface) * scale
-    ref_only = np.argwhere(ref_surface & ~pred_surface) * scale
+    pred_index, ref_index = np.argwhere(pred_surface), np.argwhere(ref_surface)
+    pred_shared = ref_surface[tuple(pred_index.T)]
+    ref_shared = pred_surface[tuple(ref_index.T)]
+    pred_points, ref_points = pred_index * scale, ref_index * scale
+    n_shared = int(np.count_nonzero(pred_shared))
     return (
-        _nearest_distances(pred_only, ref_points, n_shared, workers),
-        _nearest_distances(ref_only, pred_points, n_shared, workers),
+        _nearest_distances(pred_points[~pred_shared], ref_points, n_shared, workers),
+        _nearest_distances(ref_points[~ref_shared], pred_points, n_shared, workers),
     )
 
 

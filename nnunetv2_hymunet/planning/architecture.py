@@ -11,7 +11,8 @@ from nnunetv2_hymunet.errors import HyMUNetError
 HYMUNET_CLASS_NAME = "nnunetv2_hymunet.network.HyMUNet"
 
 # The hybrid knobs HyMUNet adds to the PlainConvUNet arguments; only these may be set by trainers and presets.
-HYBRID_KNOBS = ("n_mamba_stages", "scan", "fusion", "d_state", "d_conv", "expand")
+HYBRID_KNOBS = ("n_mamba_stages", "scan", "fusion", "d_state", "d_conv", "expand", "mamba_max_inner_channels",
+                "n_mamba_layers_per_stage")
 
 # PlainConvUNet arguments HyMUNet shares one to one.
 _SHARED_KEYS = (
@@ -28,9 +29,8 @@ def is_hymunet(network_class_name: str) -> bool:
 def hymunet_arch_kwargs(network_class_name: str, arch_kwargs: dict, knob_overrides: dict = None) -> dict:
     """HyMUNet arch_kwargs (strings for the classes, as in plans files) from a plans architecture entry.
 
-    Accepts PlainConvUNet-style (`n_conv_per_stage`) and ResidualEncoderUNet-style (`n_blocks_per_stage`, which
-    becomes `n_conv_per_stage`: one HyMUNet residual conv block per planned residual block) architectures, and HyMUNet
-    itself, whose hybrid knobs are kept. Arguments HyMUNet has no use for (ResEnc's block type, stem and bottleneck
+    Accepts PlainConvUNet-style (`n_conv_per_stage`) and ResidualEncoderUNet-style (`n_blocks_per_stage`; HyMUNet
+    takes either) architectures, and HyMUNet itself, whose hybrid knobs are kept. Arguments HyMUNet has no use for (ResEnc's block type, stem and bottleneck
     channels, ...) are dropped. `knob_overrides` (a trainer variant's or a preset's knobs) win over the plans'.
     """
     missing = [k for k in _REQUIRED_KEYS if k not in arch_kwargs]
@@ -43,7 +43,7 @@ def hymunet_arch_kwargs(network_class_name: str, arch_kwargs: dict, knob_overrid
     if "n_conv_per_stage" in arch_kwargs:
         out["n_conv_per_stage"] = deepcopy(arch_kwargs["n_conv_per_stage"])
     elif "n_blocks_per_stage" in arch_kwargs:
-        out["n_conv_per_stage"] = deepcopy(arch_kwargs["n_blocks_per_stage"])
+        out["n_blocks_per_stage"] = deepcopy(arch_kwargs["n_blocks_per_stage"])
     else:
         raise HyMUNetError(f"the plans architecture {network_class_name} has neither n_conv_per_stage nor "
                            "n_blocks_per_stage in arch_kwargs")

@@ -1,12 +1,44 @@
-"""Placeholder: this subcommand is being built (see the project's issues)."""
+"""`hymunet plan`: put HyMUNet into an nnU-Net plans file (the `-p nnUNetHyMUNetPlans` route)."""
+
+import argparse
+import os
 
 
-def _not_yet(args):
-    print(f"hymunet {args.command}: not yet available in this version")
-    return 2
+def plan(args: argparse.Namespace) -> int:
+    from nnunetv2_hymunet.planning.plans_writer import write_hymunet_plans
+
+    target, summaries = write_hymunet_plans(args.dataset, args.configurations, args.preset, args.gpu_memory_gb,
+                                            args.plans_name, args.source_plans)
+    for name, s in summaries.items():
+        src, hy = s["source"], s["hymunet"]
+        ratio = hy["feature_map_elements"] / src["feature_map_elements"]
+        print(f"{name}: {src['network']} batch {src['batch_size']} patch {src['patch_size']} -> HyMUNet batch "
+              f"{hy['batch_size']} patch {hy['patch_size']} (memory estimate per sample x{ratio:.2f} of "
+              f"{src['network']}{'' if s['fits_target'] else '; ABOVE the GPU memory target'})"
+              + (f", knobs {hy['knobs']}" if hy["knobs"] else ""))
+    plans_name = os.path.splitext(os.path.basename(target))[0]
+    print(f"wrote {target}")
+    print(f"train with: nnUNetv2_train {args.dataset} CONFIGURATION FOLD -p {plans_name}  (stock trainer; "
+          f"nnUNet_compile=f recommended), or with -tr nnUNetTrainerHyMUNet -p {plans_name}")
+    return 0
 
 
-def add_subparsers(subparsers):
-    for name in ('plan',):
-        p = subparsers.add_parser(name, help="(not yet available)")
-        p.set_defaults(func=_not_yet)
+def add_subparsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="write nnUNetHyMUNetPlans.json (HyMUNet in nnU-Net plans, reusing the preprocessed data)",
+        description="Derive HyMUNet plans from nnU-Net's plans of a dataset (run nnUNetv2_plan_and_preprocess "
+        "first). The result names nnunetv2_hymunet.network.HyMUNet as the network, keeps nnU-Net's topology and data "
+        "identifiers, and fits batch (then patch) size to a GPU memory target counting the Mamba stages.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 501 or Dataset501_ISIC2018")
+    p.add_argument("-c", "--configurations", nargs="+", default=None,
+                   help="configurations to convert (default: every configuration of the source plans; "
+                   "3d_cascade_fullres follows 3d_fullres)")
+    p.add_argument("--preset", default=None,
+                   help="plans preset JSON (a path, or a name in the repository's plans/ folder such as "
+                   "isic2018_2d): hybrid knobs, batch and patch size")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory target for batch/patch sizing (default: the preset's, else 8 like nnUNetPlans)")
+    p.add_argument("--plans-name", default=None, help="plans identifier to write (default nnUNetHyMUNetPlans)")
+    p.add_argument("--source-plans", default=None,
+                   help="nnU-Net plans to derive from (default nnUNetPlans; e.g. nnUNetResEncUNetMPlans)")
+    p.set_defaults(func=plan)

@@ -1,0 +1,83 @@
+"""The hybrid encoder: residual conv stages, with Mamba token mixers appended to the deepest stages."""
+
+from typing import List, Sequence
+
+import numpy as np
+import torch
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
+from dynamic_network_architectures.building_blocks.residual import StackedResidualBlocks
+from torch import nn
+
+from nnunetv2_hymunet.network.mamba_layer import MambaLayer, effective_expand
+
+
+class HybridStage(nn.Module):
+    """One resolution stage: residual blocks (the first one strided: the downsampling), then Mamba layers."""
+
+    def __init__(self, blocks: StackedResidualBlocks, mamba_layers: Sequence[MambaLayer]):
+        super().__init__()
+        self.blocks = blocks
+        self.mamba_layers = nn.ModuleList(mamba_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(x)
+        for layer in self.mamba_layers:
+            x = layer(x)
+        return x
+
+
+class HybridEncoder(nn.Module):
+    """Encoder returning every stage's output (the skips, bottleneck last).
+
+    Exposes the attributes DNA decoders read from an encoder (output_channels, strides, kernel_sizes, conv_op,
+    norm/dropout/nonlin ops and kwargs, conv_bias).
+    """
+
+    def __init__(self, input_channels: int, features_per_stage: Sequence[int], conv_op, kernel_sizes, strides,
+                 n_blocks_per_stage: Sequence[int], mamba_stages: Sequence[bool], conv_bias=False, norm_op=None,
+                 norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None, nonlin_kwargs=None,
+                 scan="cross", d_state=16, d_conv=4, expand=2, mamba_max_inner_channels=512,
+                 n_mamba_layers_per_stage=1):
+        super().__init__()
+        n_spatial_dims = convert_conv_op_to_dim(conv_op)
+        stages = []
+        channels_in = input_channels
+        for s, channels in enumerate(features_per_stage):
+            blocks = StackedResidualBlocks(n_blocks_per_stage[s], conv_op, channels_in, channels, kernel_sizes[s],
+                                           strides[s], conv_bias, norm_op, norm_op_kwargs, dropout_op,
+                                           dropout_op_kwargs, nonlin, nonlin_kwargs)
+            stage_expand = effective_expand(channels, expand, mamba_max_inner_channels)
+            mamba_layers = [MambaLayer(channels, n_spatial_dims, scan, d_state, d_conv, stage_expand)
+                            for _ in range(n_mamba_layers_per_stage if mamba_stages[s] else 0)]
+            stages.append(HybridStage(blocks, mamba_layers))
+            channels_in = channels
+        self.stages = nn.ModuleList(stages)
+
+        self.output_channels = list(features_per_stage)
+        self.strides = [maybe_convert_scalar_to_list(conv_op, s) for s in strides]
+        self.kernel_sizes = [maybe_convert_scalar_to_list(conv_op, k) for k in kernel_sizes]
+        self.conv_op = conv_op
+        self.norm_op = norm_op
+        self.norm_op_kwargs = norm_op_kwargs
+        self.dropout_op = dropout_op
+        self.dropout_op_kwargs = dropout_op_kwargs
+        self.nonlin = nonlin
+        self.nonlin_kwargs = nonlin_kwargs
+        self.conv_bias = conv_bias
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        output = np.int64(0)
+        size = list(input_size)
+        for stage, stride in zip(self.stages, self.strides):
+            output += stage.blocks.compute_conv_feature_map_size(size)
+            size = [i // j for i, j in zip(size, stride)]
+            for layer in stage.mamba_layers:
+                output += np.int64(layer.feature_map_size(size))
+        return output

@@ -1,0 +1,112 @@
+"""Token mixing over a feature map with Mamba: `x + Mamba(LayerNorm(x))` along one or more scan orders."""
+
+import math
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.ssm import Mamba
+
+SCAN_ORDERS = ("flat", "bidir", "cross")
+
+
+def scan_directions(scan: str, n_spatial_dims: int) -> List[Tuple[Tuple[int, ...], bool]]:
+    """The sequences one scan reads, as (spatial axis permutation, reversed) pairs.
+
+    A permutation lists the spatial axes outermost first, so its last axis varies fastest along the sequence.
+    flat: raster order. bidir: raster and its reverse. cross: each spatial axis once as the fastest one (2D: row-major
+    and column-major; 3D: the three axis orders), each forwards and reversed.
+    """
+    if scan not in SCAN_ORDERS:
+        raise HyMUNetError(f"scan={scan!r} is not one of {', '.join(SCAN_ORDERS)}")
+    raster = tuple(range(n_spatial_dims))
+    if scan == "flat":
+        return [(raster, False)]
+    if scan == "bidir":
+        return [(raster, False), (raster, True)]
+    directions = []
+    for fastest in reversed(raster):  # raster order first
+        perm = tuple(a for a in raster if a != fastest) + (fastest,)
+        directions += [(perm, False), (perm, True)]
+    return directions
+
+
+def effective_expand(channels: int, expand: float, max_inner_channels: int) -> float:
+    """Mamba's expansion at `channels`, capped so that d_inner = expand * channels stays <= max(channels, cap)."""
+    if max_inner_channels is None:
+        return expand
+    return min(expand, max(1.0, max_inner_channels / channels))
+
+
+class MambaLayer(nn.Module):
+    """Residual Mamba token mixer on a (batch, C, *spatial) feature map; output has the input's shape and dtype.
+
+    Tokens are the feature map's voxels. All scan directions go through one Mamba (the sequences are stacked on the
+    batch axis) and their outputs, mapped back to voxel order, are averaged. LayerNorm, Mamba and the residual sum
+    run in float32 with autocast off (the selective scan is unstable in half precision), then the result is cast back
+    to the caller's dtype.
+    """
+
+    def __init__(self, channels: int, n_spatial_dims: int, scan: str = "cross", d_state: int = 16, d_conv: int = 4,
+                 expand: float = 2):
+        super().__init__()
+        self.channels = channels
+        self.scan = scan
+        self.directions = scan_directions(scan, n_spatial_dims)
+        self.norm = nn.LayerNorm(channels)
+        self.mamba = Mamba(d_model=channels, d_state=d_state, d_conv=d_conv, expand=expand)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        caller_dtype = x.dtype
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x_c = x.to(compute_dtype)
+            batch, channels, *spatial = x_c.shape
+            n_tokens = math.prod(spatial)
+            normed = self.norm(x_c.flatten(2).transpose(1, 2))  # (batch, L, C), raster order
+            normed_map = normed.transpose(1, 2).reshape(batch, channels, *spatial)
+            sequences = [self._to_sequence(normed_map, perm, rev) for perm, rev in self.directions]
+            mixed = self.mamba(torch.cat(sequences, 0) if len(sequences) > 1 else sequences[0])
+            merged = None
+            for (perm, rev), seq in zip(self.directions, mixed.split(batch, 0)):
+                back = self._from_sequence(seq, perm, rev, spatial)
+                merged = back if merged is None else merged + back
+            if len(self.directions) > 1:
+                merged = merged / len(self.directions)
+            out = x_c + merged.reshape(batch, n_tokens, channels).transpose(1, 2).reshape(x_c.shape)
+        return out.to(caller_dtype)
+
+    @staticmethod
+    def _to_sequence(feature_map: torch.Tensor, perm: Sequence[int], reverse: bool) -> torch.Tensor:
+        """(batch, C, *spatial) -> (batch, L, C) read in the order of `perm` (last axis fastest), maybe reversed."""
+        permuted = feature_map.permute(0, 1, *(2 + a for a in perm)) if list(perm) != sorted(perm) else feature_map
+        seq = permuted.flatten(2).transpose(1, 2)
+        return seq.flip(1) if reverse else seq
+
+    @staticmethod
+    def _from_sequence(seq: torch.Tensor, perm: Sequence[int], reverse: bool, spatial: Sequence[int]) -> torch.Tensor:
+        """Inverse of _to_sequence, returned as (batch, *spatial, C) in raster layout."""
+        if reverse:
+            seq = seq.flip(1)
+        batch, _, channels = seq.shape
+        grid = seq.reshape(batch, *(spatial[a] for a in perm), channels)
+        if list(perm) != sorted(perm):
+            inverse = np.argsort(perm)
+            grid = grid.permute(0, *(1 + int(a) for a in inverse), len(spatial) + 1)
+        return grid
+
+    def feature_map_size(self, spatial_size: Sequence[int]) -> int:
+        """Activations this layer keeps per sample, counted the way the DNA networks count conv outputs."""
+        n_tokens = int(np.prod(spatial_size, dtype=np.int64))
+        m = self.mamba
+        # outputs of the linear/conv ops, the convention of DNA's counts (norm and activation outputs not counted)
+        per_sequence_token = (2 * m.d_inner  # in_proj (x and z)
+                              + m.d_inner  # causal conv
+                              + m.dt_rank + 2 * m.d_state  # x_proj
+                              + m.d_inner  # delta
+                              + m.d_inner  # gated scan output
+                              + self.channels)  # out_proj
+        return n_tokens * (len(self.directions) * per_sequence_token + self.channels)  # + merged residual output

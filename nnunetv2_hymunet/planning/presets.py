@@ -1,0 +1,110 @@
+"""Plan presets (`plans/*.json`): HyMUNet knobs, batch and patch size that override the automatic choice.
+
+Layout (every key optional except as noted; `description` and `_comment` are free text for the reader):
+
+    {
+      "description": "what the preset is for",
+      "_comment": {"key": "what it means", ...},
+      "plans_name": "nnUNetHyMUNetPlans",          # the plans identifier written (-p NAME)
+      "source_plans": "nnUNetPlans",               # the nnU-Net plans it derives from (same preprocessed data)
+      "gpu_memory_gb": 8,                          # target GPU memory for automatic batch/patch sizing
+      "hybrid_knobs": {"scan": "cross", ...},      # HyMUNet knobs for every configuration
+      "configurations": {                          # per nnU-Net configuration
+        "2d": {"batch_size": 12, "patch_size": [256, 256], "hybrid_knobs": {...}}
+      }
+    }
+"""
+
+import json
+import os
+
+from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.planning.architecture import HYBRID_KNOBS
+
+_TOP_KEYS = {"description", "_comment", "plans_name", "source_plans", "gpu_memory_gb", "hybrid_knobs",
+             "configurations"}
+_CONFIGURATION_KEYS = {"_comment", "batch_size", "patch_size", "hybrid_knobs"}
+_KNOB_TYPES = {"n_mamba_stages": (int, type(None)), "scan": str, "fusion": str, "d_state": int, "d_conv": int,
+               "expand": (int, float), "mamba_max_inner_channels": (int, type(None)), "n_mamba_layers_per_stage": int}
+_CHOICES = {"scan": ("flat", "bidir", "cross"), "fusion": ("mgf", "concat")}
+
+
+def _check_knobs(knobs, where: str) -> dict:
+    if not isinstance(knobs, dict):
+        raise HyMUNetError(f"{where}: hybrid_knobs must be an object, got {type(knobs).__name__}")
+    for name, value in knobs.items():
+        if name not in HYBRID_KNOBS:
+            raise HyMUNetError(f"{where}: unknown HyMUNet knob {name!r} (known: {', '.join(HYBRID_KNOBS)})")
+        if isinstance(value, bool) or not isinstance(value, _KNOB_TYPES[name]):
+            raise HyMUNetError(f"{where}: knob {name!r} has the wrong type ({value!r})")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise HyMUNetError(f"{where}: knob {name!r} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+        if isinstance(value, (int, float)) and value < (0 if name == "n_mamba_stages" else 1):
+            raise HyMUNetError(f"{where}: knob {name!r} must be positive, got {value}")
+    return knobs
+
+
+def _positive_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HyMUNetError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def validate_preset(preset, source: str) -> dict:
+    """Check a preset's structure and types; errors name `source` (the file) and the offending key."""
+    if not isinstance(preset, dict):
+        raise HyMUNetError(f"{source}: a preset must be a JSON object")
+    unknown = sorted(set(preset) - _TOP_KEYS)
+    if unknown:
+        raise HyMUNetError(f"{source}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    for key in ("plans_name", "source_plans"):
+        if key in preset and (not isinstance(preset[key], str) or not preset[key] or os.sep in preset[key]):
+            raise HyMUNetError(f"{source}: {key} must be a plain plans identifier, got {preset[key]!r}")
+    if "gpu_memory_gb" in preset:
+        value = preset["gpu_memory_gb"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise HyMUNetError(f"{source}: gpu_memory_gb must be a positive number, got {value!r}")
+    _check_knobs(preset.get("hybrid_knobs", {}), f"{source}: hybrid_knobs")
+    configurations = preset.get("configurations", {})
+    if not isinstance(configurations, dict):
+        raise HyMUNetError(f"{source}: configurations must be an object mapping configuration names to settings")
+    for name, settings in configurations.items():
+        where = f"{source}: configurations.{name}"
+        if not isinstance(settings, dict):
+            raise HyMUNetError(f"{where} must be an object")
+        unknown = sorted(set(settings) - _CONFIGURATION_KEYS)
+        if unknown:
+            raise HyMUNetError(f"{where}: unknown key(s) {', '.join(unknown)} "
+                               f"(allowed: {', '.join(sorted(_CONFIGURATION_KEYS))})")
+        if "batch_size" in settings:
+            _positive_int(settings["batch_size"], f"{where}.batch_size")
+        if "patch_size" in settings:
+            patch = settings["patch_size"]
+            if not isinstance(patch, list) or len(patch) not in (2, 3):
+                raise HyMUNetError(f"{where}.patch_size must be a list of 2 or 3 integers, got {patch!r}")
+            for v in patch:
+                _positive_int(v, f"{where}.patch_size entry")
+        _check_knobs(settings.get("hybrid_knobs", {}), f"{where}.hybrid_knobs")
+    return preset
+
+
+def load_preset(path: str) -> dict:
+    """Read and validate a preset file; a bare name such as `isic2018_2d` is looked up in the repository's plans/."""
+    candidates = [path]
+    if not path.endswith(".json") and os.sep not in path:
+        candidates.append(os.path.join(bundled_presets_folder(), path + ".json"))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            try:
+                with open(candidate) as f:
+                    preset = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise HyMUNetError(f"cannot read preset {candidate}: {e}") from e
+            return validate_preset(preset, candidate)
+    raise HyMUNetError(f"preset not found: {path}" + (f" (also looked for {candidates[1]})" if len(candidates) > 1
+                                                      else ""))
+
+
+def bundled_presets_folder() -> str:
+    """The repository's plans/ folder (next to the package in a source checkout or editable install)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "plans")

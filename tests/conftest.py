@@ -1,0 +1,155 @@
+"""Shared test helpers: nnU-Net folders in a temp dir, tiny generated datasets, running the stock nnU-Net CLIs.
+
+Everything here is generic (no HyMUNet specifics) so that any test module can use it:
+- `nnunet_folders`: a session-wide set of nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders.
+- `nnunet_env(folders, **extra)`: an environment for nnU-Net subprocesses pointing at those folders.
+- `run_cli(command, env, timeout)`: run a console command, fail the test with its output tail when it fails.
+- `write_tiny_2d_dataset` / `write_tiny_3d_dataset`: small generated nnU-Net raw datasets.
+- `tiny_plans(...)`: an in-memory nnU-Net plans dict (PlainConvUNet architecture) for unit tests.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+
+
+def executable(name: str) -> str:
+    """A console script of the environment running the tests (nnUNetv2_train, hymunet, ...)."""
+    path = os.path.join(BIN, name)
+    return path if os.path.isfile(path) else (shutil.which(name) or name)
+
+
+@pytest.fixture(scope="session")
+def nnunet_folders(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("nnunet")
+    folders = {name: str(root / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for folder in folders.values():
+        os.makedirs(folder)
+    return folders
+
+
+def nnunet_env(folders: dict, **extra) -> dict:
+    """Environment for nnU-Net subprocesses: our folders, one worker process, no compile, unbuffered output."""
+    env = dict(os.environ)
+    env.update(folders)
+    env.update({"nnUNet_def_n_proc": "1", "nnUNet_compile": "f", "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    env.pop("nnUNet_n_proc_DA", None)  # 0 crashes plan_and_preprocess; training sets it explicitly
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(command: list, env: dict, timeout: float = 600) -> str:
+    """Run a command; return its combined output, or fail the test showing the end of it."""
+    if not os.path.isabs(command[0]):
+        command = [executable(command[0])] + list(command[1:])
+    proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited with {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc.stdout
+
+
+def write_tiny_2d_dataset(raw_root: str, dataset_id: int, num_train: int = 10, num_test: int = 2, size: int = 32,
+                          seed: int = 0) -> str:
+    """RGB PNG ISIC-like images with 0/1 masks; test masks in <dataset>/labelsTs (not read by nnU-Net)."""
+    from nnunetv2_hymunet.demo_data import write_isic_like_dataset
+
+    name = "Tiny2D"
+    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
+    return write_isic_like_dataset(raw_root, dataset_id, name, num_train, num_test, size, seed,
+                                   os.path.join(folder, "labelsTs"))
+
+
+def write_tiny_3d_dataset(raw_root: str, dataset_id: int, num_train: int = 8, num_test: int = 1,
+                          shape=(24, 32, 32), seed: int = 0) -> str:
+    """Single-channel NIfTI volumes with a bright noisy ellipsoid labelled 1 (anisotropic spacing 2 x 1 x 1 mm)."""
+    import SimpleITK as sitk
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_Tiny3D")
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    for index in range(num_train + num_test):
+        centre = [rng.uniform(0.35, 0.65) * n for n in shape]
+        radii = [rng.uniform(0.18, 0.3) * n for n in shape]
+        mask = sum(((g - c) / r) ** 2 for g, c, r in zip((zz, yy, xx), centre, radii)) < 1
+        image = rng.normal(0, 0.4, shape).astype(np.float32) + mask * rng.uniform(0.8, 1.2)
+        split = "Tr" if index < num_train else "Ts"
+        for array, sub, suffix in ((image, f"images{split}", "_0000"), (mask.astype(np.uint8), f"labels{split}", "")):
+            item = sitk.GetImageFromArray(array)
+            item.SetSpacing((1.0, 1.0, 2.0))  # x, y, z
+            sitk.WriteImage(item, os.path.join(folder, sub, f"vol_{index:03d}{suffix}.nii.gz"))
+    generate_dataset_json(folder, {0: "MRI"}, {"background": 0, "blob": 1}, num_train, ".nii.gz",
+                          dataset_name="Tiny3D")
+    return folder
+
+
+def tiny_plans(dim: int = 2, patch_size=None, n_stages: int = 4, features=(8, 16, 32, 32), batch_size: int = 2,
+               dataset_name: str = "Dataset900_Unit", plans_name: str = "nnUNetPlans") -> dict:
+    """A complete nnU-Net 2.8 plans dict with one PlainConvUNet configuration (`2d` or `3d_fullres`)."""
+    patch_size = list(patch_size or ([32, 32] if dim == 2 else [16, 32, 32]))
+    strides = [[1] * dim] + [[2] * dim for _ in range(n_stages - 1)]
+    if dim == 3:
+        strides[1][0] = 1  # the first axis pooled once less, as nnU-Net does for anisotropic data
+    conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+    configuration = {
+        "data_identifier": f"{plans_name}_{'2d' if dim == 2 else '3d_fullres'}",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size,
+        "patch_size": patch_size,
+        "median_image_size_in_voxels": [float(p) for p in patch_size],
+        "spacing": [1.0] * dim,
+        "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": n_stages, "features_per_stage": list(features[:n_stages]), "conv_op": conv,
+                "kernel_sizes": [[3] * dim] * n_stages, "strides": strides, "n_conv_per_stage": [2] * n_stages,
+                "n_conv_per_stage_decoder": [2] * (n_stages - 1), "conv_bias": True, "norm_op": norm,
+                "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+            },
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+        "batch_dice": True,
+    }
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": plans_name,
+        "original_median_spacing_after_transp": [1.0] * 3,
+        "original_median_shape_after_transp": [1] * (3 - dim) + patch_size,
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"2d" if dim == 2 else "3d_fullres": configuration},
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {"max": 1.0, "mean": 0.5, "median": 0.5, "min": 0.0, "percentile_00_5": 0.0,
+                  "percentile_99_5": 1.0, "std": 0.2}},
+    }
+
+
+def tiny_dataset_json(labels=None, regions_class_order=None) -> dict:
+    dataset_json = {"channel_names": {"0": "MRI"}, "labels": labels or {"background": 0, "fg": 1},
+                    "numTraining": 4, "file_ending": ".nii.gz"}
+    if regions_class_order is not None:
+        dataset_json["regions_class_order"] = regions_class_order
+    return dataset_json
