@@ -153,3 +153,29 @@ def tiny_dataset_json(labels=None, regions_class_order=None) -> dict:
     if regions_class_order is not None:
         dataset_json["regions_class_order"] = regions_class_order
     return dataset_json
+
+
+TINY_2D_ID = 801
+TINY_3D_ID = 802
+
+
+@pytest.fixture(scope="session")
+def planned_tiny_2d(nnunet_folders) -> dict:
+    """Tiny 2D RGB dataset (10 train + 2 test, 32 x 32 px), planned and preprocessed by the stock CLI (2d only)."""
+    folder = write_tiny_2d_dataset(nnunet_folders["nnUNet_raw"], TINY_2D_ID)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(TINY_2D_ID), "-c", "2d", "-np", "1", "-npfp", "1"],
+            nnunet_env(nnunet_folders))
+    return {"id": TINY_2D_ID, "name": os.path.basename(folder), "raw": folder, "env": nnunet_env(nnunet_folders),
+            "preprocessed": os.path.join(nnunet_folders["nnUNet_preprocessed"], os.path.basename(folder)),
+            "results": os.path.join(nnunet_folders["nnUNet_results"], os.path.basename(folder))}
+
+
+@pytest.fixture(scope="session")
+def planned_tiny_3d(nnunet_folders) -> dict:
+    """Tiny 3D NIfTI dataset (8 train + 1 test volumes of 24 x 32 x 32), planned and preprocessed (3d_fullres)."""
+    folder = write_tiny_3d_dataset(nnunet_folders["nnUNet_raw"], TINY_3D_ID)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(TINY_3D_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+            nnunet_env(nnunet_folders))
+    return {"id": TINY_3D_ID, "name": os.path.basename(folder), "raw": folder, "env": nnunet_env(nnunet_folders),
+            "preprocessed": os.path.join(nnunet_folders["nnUNet_preprocessed"], os.path.basename(folder)),
+            "results": os.path.join(nnunet_folders["nnUNet_results"], os.path.basename(folder))}

@@ -214,3 +214,22 @@ def test_bad_inputs_fail_cleanly_naming_the_case(tmp_path, capsys):
 
     _run_expecting_error(args[:-3] + ["--fov", str(tmp_path / "nowhere"), "-o", str(out)], capsys, "--fov", out)
     _run_expecting_error(["compare", str(ref_dir), str(pred_dir), "-o", str(out)], capsys, "metrics.json", out)
+
+
+def test_ignore_label_excludes_voxels(tmp_path):
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    ref = np.zeros((20, 20), np.uint8)
+    ref[5:10, 5:10] = 1
+    ref[15:, 15:] = 2  # ignore
+    pred = (ref == 1).astype(np.uint8)
+    pred[16:, 16:] = 1  # predicted inside the ignored area: not a false positive
+    write_png(ref_dir / "a.png", ref)
+    write_png(pred_dir / "a.png", pred)
+    dataset = {"labels": {"background": 0, "vessel": 1, "ignore": 2}, "file_ending": ".png"}
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset))
+    result = evaluate_folders(ref_dir, pred_dir, tmp_path / "out", dataset_json=tmp_path / "dataset.json")
+    m = result["per_case"][0]["metrics"]["vessel"]
+    assert m["dice"] == 1.0 and m["fp"] == 0 and m["hd95"] == 0 and m["tn"] == 400 - 25 - 25
+    assert result["policy"]["ignore_label"] == 2

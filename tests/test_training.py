@@ -34,6 +34,9 @@ def _trainer(trainer_class, tmp_path, monkeypatch, plans=None, dataset_json=None
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     plans = dict(plans or tiny_plans(), continue_training=False)
+    data_folder = tmp_path / "preprocessed" / plans["dataset_name"] / plans["configurations"]["2d"]["data_identifier"]
+    data_folder.mkdir(parents=True, exist_ok=True)
+    (data_folder / "case.b2nd").touch()  # initialize() infers the dataset format from the file endings
     return trainer_class(plans, "2d", 0, dataset_json or tiny_dataset_json(), torch.device("cpu"))
 
 

@@ -24,6 +24,11 @@ def find_trainer_class(name: str):
 
     if hasattr(ours, name):
         return getattr(ours, name)
+    if name.endswith("_bench"):
+        from nnunetv2_hymunet.benchmark.ext_trainers import benchmark_trainers
+
+        if hasattr(benchmark_trainers, name):
+            return getattr(benchmark_trainers, name)
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     try:

@@ -231,8 +231,8 @@ def sliding_window_seconds(model: _ModelUnderTest, plan: ProfilePlan, case_shape
     if len(spatial) != 3:
         raise HyMUNetError(f"--case-shape needs {len(patch)} values for this plan, got {list(case_shape)}")
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=True, device=model.device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
+                                perform_everything_on_device=model.device.type == "cuda", device=model.device,
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     model.network.eval()
     set_deep_supervision(model.network, False)
     predictor.manual_initialization(model.network, plans_manager, configuration_manager, None, plan.dataset_json,

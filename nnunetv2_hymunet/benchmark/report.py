@@ -1,0 +1,252 @@
+"""Evaluate each model's cross-validation predictions and build the benchmark report.
+
+Per (dataset, model) the validation predictions of all requested folds are gathered (symbolic links) into one
+cross-validation folder next to links to the matching `gt_segmentations`, and evaluated with the project's
+evaluation API (`evaluate_folders`: per-image and pooled metrics). Per dataset, `compare_runs` gives the paired
+Wilcoxon signed-rank tests and box plots. The report (report.md, report.html with the PNGs embedded, report.json)
+has, per dataset and label: mean +- sample std of the per-image metrics, the pooled (one confusion matrix) Dice and
+IoU, the paired test of every model against the reference model, and the efficiency columns of `hymunet profile`.
+"""
+
+import base64
+import html
+import json
+import math
+import os
+import shutil
+
+from nnunetv2_hymunet.benchmark.atomic import atomic_write_text
+from nnunetv2_hymunet.errors import HyMUNetError
+
+TABLE_METRICS = ("dice", "iou", "precision", "recall", "hd95")
+TESTED_METRICS = ("dice", "hd95")
+POOLED_METRICS = ("dice", "iou")
+ABLATIONS = {"_noMamba": "the Mamba layers", "_noMGF": "the Mamba-Guided Fusion skips"}
+
+
+def safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in label)
+
+
+def _link(source: str, target: str) -> None:
+    try:
+        os.symlink(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def gather_crossval(runs: list, folder: str) -> tuple:
+    """(pred_dir, ref_dir, dataset_json) with the validation cases of `runs` (one model, several folds)."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    dataset = runs[0].dataset
+    dataset_json = os.path.join(nnUNet_preprocessed, dataset, "dataset.json")
+    with open(dataset_json) as f:
+        ending = json.load(f)["file_ending"]
+    gt = os.path.join(nnUNet_preprocessed, dataset, "gt_segmentations")
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    pred_dir, ref_dir = os.path.join(folder, "pred"), os.path.join(folder, "ref")
+    os.makedirs(pred_dir)
+    os.makedirs(ref_dir)
+    for run in runs:
+        validation = os.path.join(run.fold_folder, "validation")
+        for name in sorted(os.listdir(validation)):
+            if not name.endswith(ending):
+                continue
+            reference = os.path.join(gt, name)
+            if not os.path.isfile(reference):
+                raise HyMUNetError(f"{os.path.join(validation, name)} has no reference {reference}")
+            if os.path.exists(os.path.join(pred_dir, name)):
+                raise HyMUNetError(f"case {name} is in the validation set of more than one fold of {run.model.label}")
+            _link(os.path.join(validation, name), os.path.join(pred_dir, name))
+            _link(reference, os.path.join(ref_dir, name))
+    return pred_dir, ref_dir, dataset_json
+
+
+def evaluate_model(runs: list, evaluation_dir: str, num_workers: int = 1, log=print) -> dict:
+    """metrics.json content for one model's folds, recomputed only when a fold's validation changed."""
+    from nnunetv2_hymunet.evaluation import evaluate_folders
+
+    metrics_file = os.path.join(evaluation_dir, "metrics.json")
+    newest = max(os.path.getmtime(os.path.join(r.fold_folder, "validation", "summary.json")) for r in runs)
+    folds = sorted(r.fold for r in runs)
+    if os.path.isfile(metrics_file) and os.path.getmtime(metrics_file) >= newest:
+        with open(metrics_file) as f:
+            metrics = json.load(f)
+        if metrics.get("benchmark_folds") == folds:
+            return metrics
+    crossval = evaluation_dir + ".crossval"
+    pred_dir, ref_dir, dataset_json = gather_crossval(runs, crossval)
+    log(f"  evaluating {runs[0].dataset} {runs[0].model.label} (folds {folds})")
+    metrics = evaluate_folders(ref_dir, pred_dir, evaluation_dir, dataset_json=dataset_json, num_workers=num_workers,
+                               npz=False)
+    metrics["benchmark_folds"] = folds
+    atomic_write_text(metrics_file, json.dumps(metrics, indent=2))
+    return metrics
+
+
+# ---------------------------------------------------------------- report
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _mean_std(stats: dict, digits: int) -> str:
+    if not stats or not _finite(stats.get("mean")):
+        return "n/a"
+    std = stats.get("std")
+    return f"{stats['mean']:.{digits}f} ± {std:.{digits}f}" if _finite(std) else f"{stats['mean']:.{digits}f}"
+
+
+def _p(test: dict) -> str:
+    if not test or not _finite(test.get("p_value")):
+        return "n/a"
+    return f"{test['p_value']:.3g} (Δmed {test['median_difference']:+.3f}, n={test['n']})"
+
+
+def _find_test(tests: list, label: str, metric: str, reference: str, other: str):
+    """The test of `other` against `reference` (compare_runs tests each pair once; flip the sign if needed)."""
+    for t in tests:
+        if t["label"] != label or t["metric"] != metric:
+            continue
+        if t["run_a"] == reference and t["run_b"] == other:
+            return t
+        if t["run_a"] == other and t["run_b"] == reference:
+            return {**t, "median_difference": -t["median_difference"]}
+    return None
+
+
+def _efficiency(profile: dict, trainer: str):
+    if not profile:
+        return None
+    for m in profile["models"]:
+        if m["model"] == trainer:
+            return m
+    return None
+
+
+def dataset_section(entry: dict, reference: str) -> list:
+    """Markdown lines for one dataset. entry: {dataset, configuration, models: [{label, trainer, run_name,
+    metrics}], comparison (compare_runs result or None), profile (profile_models result or None), boxplots}."""
+    models = entry["models"]
+    run_name = {m["label"]: m["run_name"] for m in models}
+    units = models[0]["metrics"].get("units", "")
+    lines = [f"## {entry['dataset']} ({entry['configuration']})", ""]
+    folds = sorted({f for m in models for f in m["metrics"].get("benchmark_folds", [])})
+    lines.append(f"Cross-validation folds {folds}; {len(models[0]['metrics']['per_case'])} validation cases per model. "
+                 f"Per-image metrics: mean ± sample std over cases; pooled: one confusion matrix over all cases. "
+                 f"Distances in {units}. p: two-sided paired Wilcoxon signed-rank test against {reference} "
+                 "(Δmed = median of model - reference).")
+    if entry.get("profile"):
+        p = entry["profile"]
+        lines.append(f"Efficiency: patch {'x'.join(map(str, p['plan']['patch_size']))}, batch "
+                     f"{p['settings']['batch_size']}, {p['machine']['device']}, medians of {p['settings']['repeats']} "
+                     "interleaved repeats (`hymunet profile`).")
+    lines.append("")
+    tests = entry["comparison"]["tests"] if entry.get("comparison") else []
+    for label in [lab["name"] for lab in models[0]["metrics"]["labels"]]:
+        header = ["Model"] + [f"{m} ({units})" if m == "hd95" else m for m in TABLE_METRICS]
+        header += [f"pooled {m}" for m in POOLED_METRICS] + [f"p {m}" for m in TESTED_METRICS]
+        header += ["Params (M)", "GFLOPs", "Step ms"]
+        lines += [f"### {label}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for m in models:
+            per_label = m["metrics"]["per_label"].get(label, {})
+            pooled = m["metrics"].get("pooled", {}).get(label, {})
+            row = [m["label"]]
+            row += [_mean_std(per_label.get(k), 2 if k == "hd95" else 4) for k in TABLE_METRICS]
+            row += [f"{pooled[k]:.4f}" if _finite(pooled.get(k)) else "n/a" for k in POOLED_METRICS]
+            for k in TESTED_METRICS:
+                row.append("reference" if m["label"] == reference else
+                           _p(_find_test(tests, label, k, run_name[reference], m["run_name"])))
+            eff = _efficiency(entry.get("profile"), m["trainer"])
+            row += ([f"{eff['parameters'] / 1e6:.2f}", f"{eff['gflops']:.2f}", f"{eff['step_ms_median']:.0f}"]
+                    if eff else ["n/a"] * 3)
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ablation_findings(entry, tests)
+    for path in entry.get("boxplots", []):
+        lines += [f"![box plots {os.path.basename(path)}]({path})", ""]
+    return lines
+
+
+def ablation_findings(entry: dict, tests: list) -> list:
+    """One sentence per (model, its ablation) pair present: did the removed part help, per label, Dice?"""
+    by_label = {m["label"]: m for m in entry["models"]}
+    lines = []
+    for m in entry["models"]:
+        for suffix, part in ABLATIONS.items():
+            base_trainer = m["trainer"].replace("_bench", "")
+            ablated = next((o for o in entry["models"] if o["trainer"].replace("_bench", "") == base_trainer + suffix
+                            and o["label"] != m["label"]), None)
+            if ablated is None or m["label"] not in by_label:
+                continue
+            for label in [lab["name"] for lab in m["metrics"]["labels"]]:
+                full = m["metrics"]["per_label"][label]["dice"]["mean"]
+                without = ablated["metrics"]["per_label"][label]["dice"]["mean"]
+                test = _find_test(tests, label, "dice", ablated["run_name"], m["run_name"])
+                p = test["p_value"] if test and _finite(test.get("p_value")) else float("nan")
+                if _finite(p) and p < 0.05:
+                    verdict = "helped (significant)" if full > without else "hurt (significant)"
+                else:
+                    verdict = "made no significant difference"
+                lines.append(f"- {label}: {part} {verdict}: mean Dice {m['label']} {full:.4f} vs {ablated['label']} "
+                             f"{without:.4f}, Wilcoxon p = {p:.3g}.")
+    return (["**Ablations** (same plans, same folds):", ""] + lines + [""]) if lines else []
+
+
+def render_html(markdown: str, output_dir: str) -> str:
+    """A self-contained page: the Markdown as preformatted tables and every PNG embedded as base64."""
+    body = []
+    for line in markdown.splitlines():
+        if line.startswith("![") and line.endswith(")"):
+            path = line[line.index("(") + 1:-1]
+            full = path if os.path.isabs(path) else os.path.join(output_dir, path)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    data = base64.b64encode(f.read()).decode()
+                body.append(f'<img alt="{html.escape(path)}" src="data:image/png;base64,{data}" '
+                            'style="max-width:100%">')
+                continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("|"):
+            if set(line.replace("|", "").strip()) <= {"-"}:
+                continue
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    text = "\n".join(body)
+    # group consecutive rows into tables
+    text = text.replace("</p>\n<tr>", "</p>\n<table border=1 cellspacing=0 cellpadding=3><tr>")
+    text = text.replace("</h3>\n<tr>", "</h3>\n<table border=1 cellspacing=0 cellpadding=3><tr>")
+    text = text.replace("</tr>\n<p>", "</tr></table>\n<p>").replace("</tr>\n<h", "</tr></table>\n<h")
+    text = text.replace("</tr>\n<img", "</tr></table>\n<img")
+    if text.endswith("</tr>"):
+        text += "</table>"
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>HyM-UNet benchmark</title></head>"
+            f"<body style='font-family:sans-serif'>{text}</body></html>\n")
+
+
+def build_report(entries: list, reference: str, output_dir: str, header_lines=()) -> dict:
+    """Write report.md / report.html / report.json into output_dir from evaluated dataset entries."""
+    if not entries:
+        raise HyMUNetError("no dataset has all requested folds finished: nothing to report")
+    lines = ["# Benchmark report", "", *header_lines, ""]
+    for entry in entries:
+        lines += dataset_section(entry, reference)
+    markdown = "\n".join(lines) + "\n"
+    paths = {k: os.path.join(output_dir, f"report.{k}") for k in ("md", "html", "json")}
+    atomic_write_text(paths["md"], markdown)
+    atomic_write_text(paths["html"], render_html(markdown, output_dir))
+    summary = [{"dataset": e["dataset"], "configuration": e["configuration"],
+                "models": [{"label": m["label"], "per_label": m["metrics"]["per_label"],
+                            "pooled": m["metrics"].get("pooled"), "folds": m["metrics"].get("benchmark_folds")}
+                           for m in e["models"]],
+                "tests": e["comparison"]["tests"] if e.get("comparison") else [],
+                "profile": e.get("profile")} for e in entries]
+    atomic_write_text(paths["json"], json.dumps({"reference": reference, "datasets": summary}, indent=2))
+    return paths

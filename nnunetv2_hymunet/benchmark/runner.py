@@ -1,0 +1,263 @@
+"""Which stock nnU-Net commands a benchmark needs, which of them already ran, and running the rest.
+
+A benchmark is datasets x models x folds; a model is a trainer plus a plans identifier. Every training is the
+stock `nnUNetv2_train D C F -tr T -p P --npz` in a subprocess, so the results are exactly what a user gets by hand.
+State lives only in nnU-Net's own result folders, which makes the runner resumable and idempotent:
+
+- done: fold_F/checkpoint_final.pth and fold_F/validation/summary.json exist -> nothing runs;
+- trained, not validated: checkpoint_final.pth only -> `nnUNetv2_train ... --val --npz`;
+- interrupted: checkpoint_latest.pth only -> `nnUNetv2_train ... --c --npz` (continue training);
+- otherwise: a fresh training.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from nnunetv2_hymunet.benchmark.atomic import atomic_write_text
+from nnunetv2_hymunet.errors import HyMUNetError
+
+DEFAULT_PLANS = "nnUNetPlans"
+# plans identifiers nnU-Net's planners write by default -> the planner that writes them (-pl)
+PLANNER_FOR_PLANS = {
+    "nnUNetPlans": "ExperimentPlanner",
+    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
+    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
+    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
+}
+BENCH_TRAINER_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
+BENCH_SUFFIX = "_bench"
+
+
+@dataclass(frozen=True)
+class Model:
+    trainer: str
+    plans: str = DEFAULT_PLANS
+
+    @property
+    def label(self) -> str:
+        return self.trainer if self.plans == DEFAULT_PLANS else f"{self.trainer}:{self.plans}"
+
+    @staticmethod
+    def parse(text: str) -> "Model":
+        trainer, _, plans = text.partition(":")
+        if not trainer:
+            raise HyMUNetError(f"-tr {text!r}: expected TRAINER or TRAINER:PLANS")
+        return Model(trainer, plans or DEFAULT_PLANS)
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str  # DatasetNNN_Name
+    configuration: str
+    model: Model
+    fold: int
+    trained_trainer: str  # model.trainer, or its short-schedule `_bench` copy
+
+    @property
+    def dataset_id(self) -> str:
+        return str(int(self.dataset[len("Dataset"):len("Dataset") + 3]))
+
+    @property
+    def model_folder(self) -> str:
+        from nnunetv2.paths import nnUNet_results
+
+        if not nnUNet_results:
+            raise HyMUNetError("nnUNet_results is not set: it must point at nnU-Net's results folder")
+        return os.path.join(nnUNet_results, self.dataset,
+                            f"{self.trained_trainer}__{self.model.plans}__{self.configuration}")
+
+    @property
+    def fold_folder(self) -> str:
+        return os.path.join(self.model_folder, f"fold_{self.fold}")
+
+    def state(self) -> str:
+        fold = self.fold_folder
+        final = os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+        if final and os.path.isfile(os.path.join(fold, "validation", "summary.json")):
+            return "done"
+        if final:
+            return "validate"
+        if os.path.isfile(os.path.join(fold, "checkpoint_latest.pth")):
+            return "continue"
+        return "train"
+
+    def command(self, device: str, state: str = None) -> list:
+        state = state or self.state()
+        command = ["nnUNetv2_train", self.dataset_id, self.configuration, str(self.fold), "-tr", self.trained_trainer,
+                   "-p", self.model.plans, "--npz", "-device", device]
+        if state == "validate":
+            command.append("--val")
+        elif state == "continue":
+            command.append("--c")
+        return command
+
+    def describe(self) -> str:
+        return f"{self.dataset} {self.configuration} fold {self.fold} {self.model.label}"
+
+
+def trained_trainer_name(trainer: str, short_schedule: bool) -> str:
+    return trainer + BENCH_SUFFIX if short_schedule and not trainer.endswith(BENCH_SUFFIX) else trainer
+
+
+def resolve_dataset(dataset: str) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(str(dataset))
+    except (RuntimeError, ValueError) as e:
+        raise HyMUNetError(f"-d {dataset}: no such dataset in nnUNet_raw / nnUNet_preprocessed / nnUNet_results "
+                           f"({e})") from None
+
+
+def plan_runs(datasets, configurations, models, folds, short_schedule: bool) -> list:
+    """All runs, in dataset-major, fold, model order (so partial results cover every model early)."""
+    if len(configurations) not in (1, len(datasets)):
+        raise HyMUNetError(f"-c: give one configuration for all datasets or one per dataset ({len(datasets)}), "
+                           f"got {len(configurations)}")
+    if not datasets or not models or not folds:
+        raise HyMUNetError("need at least one dataset (-d), one trainer (-tr) and one fold (-f)")
+    configurations = list(configurations) * (len(datasets) if len(configurations) == 1 else 1)
+    runs = []
+    for dataset, configuration in zip(datasets, configurations):
+        name = resolve_dataset(dataset)
+        for fold in folds:
+            for model in models:
+                runs.append(Run(name, configuration, model, int(fold),
+                                trained_trainer_name(model.trainer, short_schedule)))
+    return runs
+
+
+def preprocessing_command(dataset: str, configuration: str, plans: str, num_processes: int):
+    """The command that makes (dataset, configuration, plans) trainable, or None when it already is."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    if not nnUNet_preprocessed:
+        raise HyMUNetError("nnUNet_preprocessed is not set: it must point at nnU-Net's preprocessed folder")
+    folder = os.path.join(nnUNet_preprocessed, dataset)
+    dataset_id = str(int(dataset[7:10]))
+    plans_file = os.path.join(folder, plans + ".json")
+    n = str(num_processes)
+    if not os.path.isfile(plans_file):
+        if plans not in PLANNER_FOR_PLANS:
+            raise HyMUNetError(f"{plans_file} does not exist and {plans!r} is not a plans name a stock planner writes "
+                               f"({', '.join(PLANNER_FOR_PLANS)}): create it first (e.g. hymunet plan)")
+        return ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-pl", PLANNER_FOR_PLANS[plans],
+                "-np", n, "-npfp", n]
+    with open(plans_file) as f:
+        configurations = json.load(f).get("configurations", {})
+    if configuration not in configurations:
+        raise HyMUNetError(f"{plans_file} has no configuration {configuration!r} (it has: "
+                           f"{', '.join(sorted(configurations))})")
+    identifier = configurations[configuration].get("data_identifier")
+    data = os.path.join(folder, identifier) if identifier else None
+    if data and os.path.isdir(data) and os.listdir(data) and os.path.isdir(os.path.join(folder, "gt_segmentations")):
+        return None
+    return ["nnUNetv2_preprocess", "-d", dataset_id, "-c", configuration, "-plans_name", plans, "-np", n]
+
+
+def subprocess_environment(short_schedule: dict = None, num_processes: int = None, n_proc_da: int = None,
+                           training: bool = True) -> dict:
+    """Variables the runner sets for nnU-Net subprocesses (on top of the caller's environment)."""
+    env = {}
+    if short_schedule:
+        current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+        if BENCH_TRAINER_FOLDER not in current:
+            current.append(BENCH_TRAINER_FOLDER)
+        env["nnUNet_extTrainer"] = os.pathsep.join(current)
+        env.update({k: str(v) for k, v in short_schedule.items()})
+    if num_processes is not None:
+        env["nnUNet_def_n_proc"] = str(num_processes)
+    if training and n_proc_da is not None:  # never for planning: 0 makes nnU-Net's planner crash
+        env["nnUNet_n_proc_DA"] = str(n_proc_da)
+    return env
+
+
+def shell_line(command: list, env: dict = None) -> str:
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    return (prefix + " " if prefix else "") + " ".join(shlex.quote(c) for c in command)
+
+
+def _executable(name: str) -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.isfile(beside):
+        return beside
+    found = shutil.which(name)
+    if not found:
+        raise HyMUNetError(f"{name} not found next to {sys.executable} nor on PATH: is nnunetv2 installed?")
+    return found
+
+
+def execute(command: list, env: dict, log_file: str, log=print) -> float:
+    """Run an nnU-Net command with its output in log_file; seconds taken. A failure raises, naming the log."""
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    start = time.time()
+    with open(log_file, "a") as f:
+        f.write(f"\n$ {shell_line(command, env)}\n")
+        f.flush()
+        process = subprocess.run([_executable(command[0]), *command[1:]], env={**os.environ, **env}, stdout=f,
+                                 stderr=subprocess.STDOUT)
+    seconds = time.time() - start
+    if process.returncode != 0:
+        with open(log_file) as f:
+            tail = "".join(f.readlines()[-15:])
+        raise HyMUNetError(f"{command[0]} failed (exit {process.returncode}) after {seconds:.0f} s; log: {log_file}\n"
+                           f"{tail}")
+    return seconds
+
+
+class Ledger:
+    """OUTPUT/runs.jsonl: one JSON line per action the runner took or skipped (what ran, how long)."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, "runs.jsonl")
+        os.makedirs(output_dir, exist_ok=True)
+
+    def record(self, **entry) -> None:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def entries(self) -> list:
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def slurm_script(runs: list, device: str, env: dict, preprocessing: list, job_name: str = "hymunet-benchmark",
+                 time_limit: str = "72:00:00", gpus: int = 1, cpus: int = 8, partition: str = None) -> str:
+    """A Slurm job array with one task per pending training (preprocessing listed as a step to run first)."""
+    if not runs:
+        raise HyMUNetError("--emit-slurm: every run is already finished; nothing to submit")
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{len(runs) - 1}",
+             f"#SBATCH --time={time_limit}", f"#SBATCH --cpus-per-task={cpus}",
+             f"#SBATCH --output={job_name}-%A_%a.log"]
+    if gpus:
+        lines.append(f"#SBATCH --gres=gpu:{gpus}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    lines += ["#", "# Generated by `hymunet benchmark run --emit-slurm`: one array task per pending nnU-Net training.",
+              "# nnUNet_raw / nnUNet_preprocessed / nnUNet_results must be set in the submitting environment.",
+              "# Afterwards rerun the same `hymunet benchmark run` command (without --emit-slurm) to evaluate and",
+              "# report; finished folds are skipped."]
+    if preprocessing:
+        lines.append("# Run this preprocessing ONCE before submitting (the array does not do it):")
+        lines += [f"#   {shell_line(c)}" for c in preprocessing]
+    lines += ["set -euo pipefail"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append("COMMANDS=(")
+    lines += [f"  {shlex.quote(shell_line(run.command(device)))}" for run in runs]
+    lines += [")", 'echo "task ${SLURM_ARRAY_TASK_ID}: ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"',
+              'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    return "\n".join(lines)
+
+
+def write_slurm_script(path: str, text: str) -> None:
+    atomic_write_text(path, text)
+    os.chmod(path, 0o755)

@@ -1,0 +1,237 @@
+"""Every selective-scan backend on this machine against the plain sequential reference (forward and all gradients)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.ssm import resolve_backend, selective_scan_fn
+from nnunetv2_hymunet.ssm.selective_scan import ENV_VAR, mamba_ssm_kernel
+
+FAST_CPU_BACKENDS = ["numba", "torch"]
+# (batch, dim, L, N, groups); groups=None means B, C given as (batch, N, L). L=130 and 37 are no multiple of any
+# chunk size (numba checkpoints every 64 steps, the torch scan uses chunks of ceil(sqrt(L))).
+SHAPES = [(2, 6, 37, 4, None), (1, 4, 1, 3, 2), (2, 6, 130, 5, 3), (3, 5, 64, 16, None)]
+INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(seed, batch, dim, length, n_state, groups, dtype, delta_scale=1.0):
+    """Random (never zero) inputs for selective_scan_fn, drawn from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    bc_shape = (batch, n_state, length) if groups is None else (batch, groups, n_state, length)
+    inputs = {
+        "u": rand(batch, dim, length),
+        "delta": rand(batch, dim, length) * 0.5 + (delta_scale - 2.0),
+        "A": -torch.exp(rand(dim, n_state) * 0.5 + 0.5),
+        "B": rand(*bc_shape),
+        "C": rand(*bc_shape),
+        "D": rand(dim),
+        "z": rand(batch, dim, length),
+        "delta_bias": rand(dim) * 0.3,
+    }
+    return {k: v.to(dtype).requires_grad_() for k, v in inputs.items()}
+
+
+def run_scan(backend, inputs, monkeypatch, return_last_state=True):
+    monkeypatch.setenv(ENV_VAR, backend)
+    return selective_scan_fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                             z=inputs["z"], delta_bias=inputs["delta_bias"], delta_softplus=True,
+                             return_last_state=return_last_state)
+
+
+def outputs_and_grads(backend, inputs, monkeypatch, seed=0):
+    out, last_state = run_scan(backend, inputs, monkeypatch)
+    gen = torch.Generator().manual_seed(seed + 1)
+    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    w_state = torch.randn(last_state.shape, generator=gen, dtype=torch.float64)
+    loss = (out.double() * w_out).sum() + (last_state.double() * w_state).sum()
+    grads = torch.autograd.grad(loss, [inputs[k] for k in INPUT_NAMES])
+    return [out, last_state, *grads]
+
+
+def rel_err(x, ref):
+    ref = ref.detach().double()
+    scale = ref.norm().clamp_min(1e-300)
+    return ((x.detach().double() - ref).norm() / scale).item()
+
+
+def assert_matches(results, reference, tol, label):
+    names = ("out", "last_state", *(f"d{k}" for k in INPUT_NAMES))
+    for name, got, ref in zip(names, results, reference):
+        assert got.shape == ref.shape, f"{label} {name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(got).all(), f"{label} {name}: non-finite values"
+        if ref.abs().max() == 0:  # e.g. dA at L=1, where the state before the only step is zero
+            assert got.abs().max() == 0, f"{label} {name}: expected exactly zero"
+            continue
+        err = rel_err(got, ref)
+        assert err <= tol, f"{label} {name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def available_backends():
+    backends = list(FAST_CPU_BACKENDS)
+    if torch.cuda.is_available():
+        backends.append("torch-cuda")
+        if mamba_ssm_kernel() is not None:
+            backends.append("cuda")
+    return backends
+
+
+def to_device(inputs, backend):
+    if backend in ("cuda", "torch-cuda"):
+        return {k: v.detach().cuda().requires_grad_() for k, v in inputs.items()}
+    return inputs
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-d{}-L{}-N{}-G{}".format(*s))
+@pytest.mark.parametrize("backend", available_backends())
+def test_float64_matches_reference(backend, shape, monkeypatch):
+    if backend == "cuda":
+        pytest.skip("mamba_ssm's CUDA kernel computes in float32; covered by test_float32_matches_float64_reference")
+    seed = 1000 + sum(shape[:4])
+    reference = outputs_and_grads("reference", make_inputs(seed, *shape, torch.float64), monkeypatch, seed)
+    inputs = to_device(make_inputs(seed, *shape, torch.float64), backend)
+    results = outputs_and_grads(backend.removesuffix("-cuda"), inputs, monkeypatch, seed)
+    assert_matches([r.cpu() for r in results], reference, 1e-10, f"{backend} float64")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-d{}-L{}-N{}-G{}".format(*s))
+@pytest.mark.parametrize("backend", available_backends())
+def test_float32_matches_float64_reference(backend, shape, monkeypatch):
+    seed = 2000 + sum(shape[:4])
+    reference = outputs_and_grads("reference", make_inputs(seed, *shape, torch.float64), monkeypatch, seed)
+    inputs = {k: v.detach().float().requires_grad_() for k, v in make_inputs(seed, *shape, torch.float64).items()}
+    results = outputs_and_grads(backend.removesuffix("-cuda"), to_device(inputs, backend), monkeypatch, seed)
+    assert results[0].dtype == torch.float32
+    assert_matches([r.cpu() for r in results], reference, 1e-5, f"{backend} float32")
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+def test_large_deltas_stay_finite_and_accurate(backend, monkeypatch):
+    """Trained-size steps (per-step |delta*A| up to ~100) overflow exp(-cumsum) closed forms; ours must not."""
+    shape = (2, 8, 300, 16, None)
+    inputs64 = make_inputs(7, *shape, torch.float64, delta_scale=4.0)
+    with torch.no_grad():
+        inputs64["A"].copy_(-torch.arange(1, 17, dtype=torch.float64).repeat(8, 1))
+        inputs64["delta"].mul_(2)
+        max_step = (F.softplus(inputs64["delta"] + inputs64["delta_bias"][:, None]).max() * 16).item()
+    assert max_step > 50, f"stress inputs too mild: max |delta*A| = {max_step:.1f}"
+    reference = outputs_and_grads("reference", inputs64, monkeypatch, 7)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        inputs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs64.items()}
+        results = outputs_and_grads(backend, inputs, monkeypatch, 7)
+        assert_matches(results, reference, tol, f"{backend} {dtype} stress (max |delta*A| {max_step:.0f})")
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+def test_non_contiguous_inputs_and_optional_arguments(backend, monkeypatch):
+    inputs = make_inputs(11, 2, 6, 50, 4, None, torch.float64)
+    # transposed storage for every (batch, *, L) tensor: same values, non-contiguous views
+    for key in ("u", "delta", "z", "B", "C"):
+        inputs[key] = inputs[key].detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+        assert not inputs[key].is_contiguous()
+    monkeypatch.setenv(ENV_VAR, "reference")
+    expected = selective_scan_fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
+    monkeypatch.setenv(ENV_VAR, backend)
+    got = selective_scan_fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
+    assert not isinstance(got, tuple)
+    assert rel_err(got, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_CPU_BACKENDS])
+def test_autocast_runs_recurrence_in_float32(backend, monkeypatch):
+    inputs = make_inputs(13, 2, 4, 40, 4, None, torch.float64)
+    bf16 = {k: v.detach().to(torch.bfloat16) for k, v in inputs.items()}
+    monkeypatch.setenv(ENV_VAR, backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, last_state = selective_scan_fn(bf16["u"], bf16["delta"], bf16["A"], bf16["B"], bf16["C"], bf16["D"],
+                                            z=bf16["z"], delta_bias=bf16["delta_bias"], delta_softplus=True,
+                                            return_last_state=True)
+    assert out.dtype == torch.bfloat16
+    assert last_state.dtype == torch.float32
+    f32 = {k: v.float() for k, v in bf16.items()}
+    expected, expected_state = selective_scan_fn(f32["u"], f32["delta"], f32["A"], f32["B"], f32["C"], f32["D"],
+                                                 z=f32["z"], delta_bias=f32["delta_bias"], delta_softplus=True,
+                                                 return_last_state=True)
+    assert torch.equal(out, expected.to(torch.bfloat16))
+    assert rel_err(last_state, expected_state) <= 1e-6
+
+
+def test_auto_backend_and_impossible_requests(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend(torch.device("cpu")) == "numba"  # numba is a project dependency
+    assert resolve_backend(torch.device("cpu"), "torch") == "torch"
+    with pytest.raises(HyMUNetError, match="numba runs on CPU tensors only"):
+        resolve_backend(torch.device("cuda"), "numba")
+    if mamba_ssm_kernel() is None:
+        with pytest.raises(HyMUNetError, match="mamba_ssm's CUDA kernel does not import"):
+            resolve_backend(torch.device("cpu"), "cuda")
+    else:
+        with pytest.raises(HyMUNetError, match="not on a CUDA device"):
+            resolve_backend(torch.device("cpu"), "cuda")
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    u = torch.randn(1, 2, 3)
+    with pytest.raises(HyMUNetError, match=ENV_VAR):
+        selective_scan_fn(u, u, torch.randn(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+    monkeypatch.setenv(ENV_VAR, "fast-please")
+    with pytest.raises(HyMUNetError, match="fast-please"):
+        resolve_backend(torch.device("cpu"))
+
+
+def test_numba_follows_torch_thread_count(monkeypatch):
+    import numba
+
+    from nnunetv2_hymunet.ssm import scan_numba
+
+    inputs = make_inputs(17, 1, 4, 20, 4, None, torch.float32)
+    monkeypatch.setenv(ENV_VAR, "numba")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        selective_scan_fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
+        assert numba.get_num_threads() == 1
+        assert scan_numba._num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_numba_scan_works_in_forked_worker():
+    """DataLoader workers are forked from a process that may already have run the numba kernel."""
+    script = textwrap.dedent("""
+        import multiprocessing as mp, os, torch
+        os.environ["HYMUNET_SCAN_BACKEND"] = "numba"
+        from nnunetv2_hymunet.ssm import selective_scan_fn
+
+        def scan():
+            g = torch.Generator().manual_seed(0)
+            u = torch.randn(2, 4, 70, generator=g)
+            B = torch.randn(2, 3, 70, generator=g)
+            return selective_scan_fn(u, u.sigmoid(), -torch.rand(4, 3, generator=g), B, B)
+
+        def child(queue):
+            import numba  # importing (and running) numba in a forked child must work
+            queue.put(scan().sum().item())
+
+        if __name__ == "__main__":
+            parent = scan().sum().item()
+            queue = mp.get_context("fork").Queue()
+            proc = mp.get_context("fork").Process(target=child, args=(queue,))
+            proc.start()
+            value = queue.get(timeout=120)
+            proc.join(timeout=120)
+            assert proc.exitcode == 0, proc.exitcode
+            assert value == parent, (value, parent)
+            print("fork ok")
+    """)
+    env = dict(os.environ)
+    env.pop(ENV_VAR, None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and "fork ok" in result.stdout, result.stdout + result.stderr
