@@ -52,13 +52,17 @@ def edt_hd95(pred, ref, spacing):
     return max(np.percentile(d_pr, 95), np.percentile(d_rp, 95))
 
 
-def median_time(fn, repeats):
-    times, value = [], None
+def interleaved_medians(candidates, repeats):
+    """Median seconds and last value per candidate; rounds alternate between candidates so that load changes on a
+    shared machine hit all of them alike."""
+    times = {name: [] for name, _ in candidates}
+    values = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), value
+        for name, fn in candidates:
+            start = time.perf_counter()
+            values[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return [(name, float(np.median(times[name])), values[name]) for name, _ in candidates]
 
 
 def main():
@@ -80,32 +84,37 @@ def run_scenario(scenario, pair, repeats):
     spacing = (1.0, 1.0, 1.0)
     print(
         f"\nscenario {scenario}: shape {SHAPE}, reference {int(ref.sum())} voxels, prediction {int(pred.sum())}, "
-        f"differing {int((pred ^ ref).sum())}; median of {repeats} runs each"
+        f"differing {int((pred ^ ref).sum())}; median of {repeats} interleaved runs each"
     )
-    ours_t, ours = median_time(lambda: compute_case_metrics(pred, ref, spacing), repeats)
-    rows = [("nnunetv2_hymunet compute_case_metrics (all metrics)", ours_t, ours["hd95"])]
-    edt_t, edt = median_time(lambda: edt_hd95(pred, ref, spacing), repeats)
-    rows.append(("EDT on cropped union box (baseline)", edt_t, edt))
+    candidates = [
+        (
+            "nnunetv2_hymunet compute_case_metrics (all metrics)",
+            lambda: compute_case_metrics(pred, ref, spacing)["hd95"],
+        ),
+        ("EDT on cropped union box (baseline)", lambda: edt_hd95(pred, ref, spacing)),
+    ]
     try:
         import torch
         from monai import __version__ as monai_version
         from monai.metrics import compute_hausdorff_distance
 
-        torch.set_num_threads(os.cpu_count())
+        warnings.filterwarnings("ignore", module="monai")
         p, r = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            monai_t, monai = median_time(
-                lambda: float(compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))), repeats
+        candidates.append(
+            (
+                f"MONAI {monai_version} compute_hausdorff_distance(percentile=95)",
+                lambda: float(compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))),
             )
-        rows.append((f"MONAI {monai_version} compute_hausdorff_distance(percentile=95)", monai_t, monai))
+        )
     except ImportError:
         print("MONAI is not installed: comparing against the EDT baseline only")
+    rows = interleaved_medians(candidates, repeats)
+    ours_t, ours_hd95 = rows[0][1], rows[0][2]
     print("| implementation | time (s) | HD95 | time ratio to ours |")
     print("|---|---|---|---|")
     for name, seconds, value in rows:
         print(f"| {name} | {seconds:.3f} | {value:.4f} | {seconds / ours_t:.1f}x |")
-    mismatched = [name for name, _, value in rows if not np.isclose(value, ours["hd95"], rtol=1e-6)]
+    mismatched = [name for name, _, value in rows if not np.isclose(value, ours_hd95, rtol=1e-6)]
     if mismatched:
         print(f"WARNING: HD95 differs from ours for: {', '.join(mismatched)}")
 

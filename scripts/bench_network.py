@@ -1,4 +1,4 @@
-"""HyMUNet versus nnU-Net's PlainConvUNet and ResidualEncoderUNet on one nnU-Net plan: parameters, FLOPs, CPU time, memory.
+"""HyMUNet vs nnU-Net's PlainConvUNet and ResidualEncoderUNet on one nnU-Net plan: parameters, FLOPs, CPU time, memory.
 
 The default plan is the one nnU-Net 2.8.1's ExperimentPlanner writes for an ISIC-2018-like dataset (RGB PNGs of
 700 x 1000 px, spacing 1): 8 stages, features 32..512, patch 768 x 1024, batch 2. It was obtained by running
@@ -8,8 +8,9 @@ Times are medians over --repeats rounds; in each round every model runs once (in
 machine hit all models alike. Forward = inference (no grad, deep supervision off); train step = forward with deep
 supervision on, a loss over all outputs, backward. FLOPs come from torch.utils.flop_counter.FlopCounterMode, which does
 not see the selective scan (a custom autograd function); its cost is added analytically and printed separately.
-Peak memory is the increase of the process's peak RSS during one training step, measured in a fresh subprocess per
-model. Usage: python scripts/bench_network.py [--patch 768 1024] [--batch 1] [--repeats 3] [--json out.json]
+Peak memory is the peak RSS during one (second) training step minus the RSS before it, measured in a fresh
+subprocess per model (Linux: the peak is reset through /proc/self/clear_refs).
+Usage: python scripts/bench_network.py [--patch 768 1024] [--batch 1] [--repeats 3] [--json out.json]
 """
 
 import argparse
@@ -97,18 +98,31 @@ def train_step(net, x) -> None:
     sum(o.float().square().mean() for o in outputs).backward()
 
 
-def memory_probe(name: str, patch, batch: int) -> None:
-    """Run in a fresh process: peak RSS increase (MiB) over one training step, printed as JSON."""
-    import resource
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def memory_probe(name: str, patch, batch: int) -> None:
+    """Run in a fresh process: peak RSS during one training step minus the RSS before it (MiB), printed as JSON.
+
+    The peak (VmHWM) is reset first by writing 5 to /proc/self/clear_refs (Linux), so building the model does not
+    hide the step's peak.
+    """
     import torch
 
     net = build(name)
     x = torch.randn(batch, 3, *patch)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_step(net, x)  # first step allocates gradients and warms up; the second is measured
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     train_step(net, x)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_increase_mib": (after - before) / 1024}))
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_rss_increase_mib": (peak - before) / 1024}))
 
 
 def run(patch, batch: int, repeats: int, threads: int, json_path: str = None) -> dict:
@@ -161,8 +175,8 @@ def run(patch, batch: int, repeats: int, threads: int, json_path: str = None) ->
         results[name].update(json.loads(probe.stdout.strip().splitlines()[-1]))
 
     base = results["PlainConvUNet"]
-    print(f"\n| model | params (M) | ratio | GFLOPs fwd (counted + scan) | fwd (s) | ratio | train step (s) | ratio "
-          f"| peak RSS +MiB |")
+    print("\n| model | params (M) | ratio | GFLOPs fwd (counted + scan) | fwd (s) | ratio | train step (s) | ratio "
+          "| peak RSS +MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         gflops = (r["flops_counted"] + r["flops_scan"]) / 1e9

@@ -71,6 +71,25 @@ def _analytic_scan(counter: list):
             module.selective_scan_fn = original
 
 
+@contextlib.contextmanager
+def _autocast_accepts_meta():
+    """torch.autocast(device_type='meta') raises; networks that open an autocast region for their input's device
+    (the Mamba layers force float32 that way) would fail on meta tensors. Map meta to cpu while counting."""
+    import torch
+
+    real = torch.autocast
+
+    class MetaSafeAutocast(real):
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    torch.autocast = MetaSafeAutocast
+    try:
+        yield
+    finally:
+        torch.autocast = real
+
+
 def count_flops(network, input_shape) -> dict:
     """{'counted': FlopCounterMode FLOPs, 'scan_analytic': analytic scan FLOPs} for one forward pass."""
     import copy
@@ -81,7 +100,7 @@ def count_flops(network, input_shape) -> dict:
     meta_network = copy.deepcopy(network).to("meta").eval()
     set_deep_supervision(meta_network, False)
     scan = [0]
-    with torch.no_grad(), _analytic_scan(scan), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _autocast_accepts_meta(), _analytic_scan(scan), FlopCounterMode(display=False) as counter:
         meta_network(torch.empty(input_shape, device="meta"))
     return {"counted": int(counter.get_total_flops()), "scan_analytic": int(scan[0])}
 

@@ -151,16 +151,17 @@ def _nearest_distances(from_points: np.ndarray, to_points: np.ndarray, n_shared:
 
 
 def directed_surface_distances(
-    pred: np.ndarray, ref: np.ndarray, spacing, workers: int = 1
+    pred: np.ndarray, ref: np.ndarray, spacing, workers: int = -1
 ) -> tuple[np.ndarray, np.ndarray]:
     """(distances pred-surface -> ref-surface, distances ref-surface -> pred-surface); both masks non-empty.
 
-    Surfaces are extracted inside the union bounding box plus one voxel. Nearest surface voxels are found exactly
+    Surfaces are extracted inside the union bounding box (outside it both masks are background, which is what the
+    padding in _surface assumes). Nearest surface voxels are found exactly
     with a k-d tree over the surface voxel coordinates scaled by spacing: O(surface log surface) instead of a
     Euclidean distance transform over every voxel of the box, which measured several times slower on BraTS-sized
     volumes (scripts/bench_hd95.py, docs/benchmarks.md). Voxels on both surfaces have distance 0 and are not queried.
     """
-    box = _bounding_box(pred | ref, margin=1)
+    box = _bounding_box(pred | ref, margin=0)
     pred_surface, ref_surface = _surface(pred[box]), _surface(ref[box])
     scale = np.asarray(spacing, dtype=np.float64)
     pred_index, ref_index = np.argwhere(pred_surface), np.argwhere(ref_surface)
@@ -197,13 +198,14 @@ def compute_case_metrics(
     hd95_method: str = "max_directed",
     percentile: float = 95.0,
     distances: bool = True,
-    workers: int = 1,
+    workers: int = -1,
 ) -> dict:
     """Metrics of one binary prediction against one binary reference (2D or 3D arrays of the same shape).
 
     spacing: one value per array axis (None = 1 everywhere, i.e. pixels). valid: optional boolean mask of the voxels
     that count (field of view, nnU-Net ignore label); voxels outside it are removed from both masks and from TN.
-    workers: threads of the nearest-neighbour query (-1: all cores).
+    workers: threads of the nearest-neighbour query (-1, default: all cores; evaluate_folders passes 1 to its
+    worker processes).
     Returns dice, iou, precision, recall, specificity, hd, hd95, assd (floats) and tp, fp, fn, tn (ints).
     """
     pred = np.asarray(pred, dtype=bool)

@@ -1,4 +1,4 @@
-"""HyM-UNet: residual CNN shallow stages, CNN + Mamba deep stages, Mamba-Guided Fusion skips; built from nnU-Net plans."""
+"""HyM-UNet: residual CNN shallow stages, CNN + Mamba deep stages, Mamba-Guided Fusion skips, from nnU-Net plans."""
 
 from typing import List, Optional, Sequence, Union
 

@@ -6,8 +6,8 @@ The sequence is cut into n_chunks chunks of T ~ sqrt(L) steps. The recurrence h_
 2. the chunk start states are carried across chunks with the chunk's total decay exp(A * sum(delta)) (n_chunks steps);
 3. every chunk runs its T steps again from its true start state, producing y.
 Only products of decays (each <= 1 for A < 0) appear, never exp(-cumsum) ratios, so any delta / A is stable.
-The backward runs the same scheme on the adjoint (a reverse scan of the same form) and recomputes the states of
-step 3 rather than having autograd keep every intermediate; it stores one (b, d, L, N) tensor of states at a time.
+The backward runs the same scheme on the adjoint (a reverse scan of the same form) and recomputes the states and decays
+of step 3 rather than having autograd keep every intermediate (two (b, d, L, N) tensors during the backward).
 """
 
 import math
@@ -104,24 +104,24 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         dlast = dlast.reshape(lay.batch, lay.groups, lay.dim // lay.groups, lay.n_state)
         flipped, _ = _carry(local.flip(-2), chunk_decay.flip(-2), dlast)  # 2. carried from the last chunk backwards
         incoming = flipped.flip(-2)
-        states = [starts]  # 3. recompute the true states, then sweep the adjoint backwards through them
+        states, decays = [starts], []  # 3. recompute the true states, then sweep the adjoint backwards through them
         for t in range(lay.chunk):
-            states.append(torch.addcmul(lay.input(t), lay.decay(t), states[-1]))
+            decays.append(lay.decay(t))
+            states.append(torch.addcmul(lay.input(t), decays[t], states[t]))
         du, ddelta, dB, dC = [], [], [], []
         dA = torch.zeros_like(starts)
         for t in reversed(range(lay.chunk)):
-            decay_t = lay.decay(t)
-            dy_t = dy_steps[t].unsqueeze(-1)
-            g = torch.addcmul(incoming, dy_t, lay.C[t])
-            delta_t, u_t = lay.delta[t], lay.u[t]
+            delta_t, u_t, dy_t = lay.delta[t], lay.u[t], dy_steps[t]
+            g = torch.addcmul(incoming, dy_t.unsqueeze(-1), lay.C[t])
             g_B = (g * lay.B[t]).sum(-1)
-            g_a_h = g * decay_t * states[t]
+            incoming = decays[t] * g  # a_t g_t: the adjoint handed to step t - 1
+            g_a_h = incoming * states[t]
             du.append(delta_t * g_B)
             ddelta.append(u_t * g_B + (g_a_h * lay.A).sum(-1))
-            dA.add_(g_a_h * delta_t.unsqueeze(-1))
-            dB.append((g * (delta_t * u_t).unsqueeze(-1)).sum(2))
-            dC.append((dy_t * states[t + 1]).sum(2))
-            incoming = decay_t * g
+            dA.addcmul_(g_a_h, delta_t.unsqueeze(-1))
+            # sums over the channels of a group: (b, G, dg, nc, N) x (b, G, dg, nc) -> (b, G, nc, N)
+            dB.append(torch.einsum("bgdcn,bgdc->bgcn", g, delta_t * u_t))
+            dC.append(torch.einsum("bgdcn,bgdc->bgcn", states[t + 1], dy_t))
         # the lists were filled from the last step backwards
         du = lay.unsteps(torch.stack(du[::-1]))
         ddelta = lay.unsteps(torch.stack(ddelta[::-1]))
