@@ -106,8 +106,8 @@ def _fake_metrics(dice_per_case, hd95_per_case, label="lesion"):
                 for i, (d, h) in enumerate(zip(dice_per_case, hd95_per_case))]
 
     def stats(values):
-        return {"mean": float(np.mean(values)), "median": float(np.median(values)), "std": float(np.std(values, ddof=1)),
-                "n": len(values)}
+        return {"mean": float(np.mean(values)), "median": float(np.median(values)),
+                "std": float(np.std(values, ddof=1)), "n": len(values)}
 
     dice = np.array(dice_per_case)
     return {"schema_version": 1, "units": "px", "labels": [{"name": label, "values": [1], "region": False}],

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nnunetv2_hymunet.benchmark.models import RESENC_M, build_training_network
-from nnunetv2_hymunet.benchmark.presets import _configuration, _plans, ProfilePlan, preset_plan
+from nnunetv2_hymunet.benchmark.presets import ProfilePlan, _configuration, _plans, preset_plan
 from nnunetv2_hymunet.benchmark.profile_report import markdown_table, write_profile_outputs
 from nnunetv2_hymunet.benchmark.profiling import count_flops, profile_models
 from nnunetv2_hymunet.errors import HyMUNetError

@@ -16,11 +16,13 @@ import torch
 from conftest import executable, run_cli
 from PIL import Image
 
+from nnunetv2_hymunet.cli import main as hymunet_main
+
 pytestmark = pytest.mark.slow
 
 TRAINER = "nnUNetTrainerHyMUNet_demo"
-# 3 epochs of 2 iterations, a checkpoint after every epoch: enough to interrupt after epoch 0 and resume
-SCHEDULE = {"HYMUNET_EPOCHS": "3", "HYMUNET_ITERATIONS": "2", "HYMUNET_VAL_ITERATIONS": "1",
+# 2 epochs of 2 iterations, a checkpoint after every epoch: interrupted after epoch 0, resumed for epoch 1
+SCHEDULE = {"HYMUNET_EPOCHS": "2", "HYMUNET_ITERATIONS": "2", "HYMUNET_VAL_ITERATIONS": "1",
             "HYMUNET_SAVE_EVERY": "1"}
 EPOCH_LINE = re.compile(r": Epoch (\d+)\s*$")
 
@@ -78,11 +80,11 @@ def test_training_resumes_from_its_checkpoint_with_c(resumed_training):
     assert _epochs_started(r["first_output"]) == [0, 1]
     assert r["latest_at_kill"] and r["killed_before_the_end"]
     resumed = _epochs_started(r["resumed_output"])
-    assert resumed and resumed[0] >= 1 and 0 not in resumed and resumed[-1] == 2, resumed
+    assert resumed == [1], resumed
     assert os.path.isfile(os.path.join(r["fold"], "checkpoint_final.pth"))
     assert "Mean Validation Dice" in r["resumed_output"]
     checkpoint = torch.load(os.path.join(r["fold"], "checkpoint_final.pth"), map_location="cpu", weights_only=False)
-    assert checkpoint["trainer_name"] == TRAINER and checkpoint["current_epoch"] == 3
+    assert checkpoint["trainer_name"] == TRAINER and checkpoint["current_epoch"] == 2
     assert any("mamba" in key for key in checkpoint["network_weights"])
 
 
@@ -109,16 +111,21 @@ def test_val_npz_predict_and_find_best_configuration(resumed_training, default_b
 
 
 def test_a_checkpoint_predicts_the_same_with_another_scan_backend(resumed_training, default_backend_prediction,
-                                                                  tmp_path):
+                                                                  tmp_path, monkeypatch):
+    # nnU-Net's predictor in this process (saves a CLI start-up); the CLI prediction used the default backend
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
     from nnunetv2_hymunet.ssm import resolve_backend
 
-    default_backend = resolve_backend(torch.device("cpu"), "auto")
-    assert default_backend != "reference"  # training and the first prediction used a fast backend
+    monkeypatch.delenv("HYMUNET_SCAN_BACKEND", raising=False)
+    assert resolve_backend(torch.device("cpu")) != "reference"  # training and the CLI prediction used a fast one
+    monkeypatch.setenv("HYMUNET_SCAN_BACKEND", "reference")
     dataset = resumed_training["dataset"]
     output = str(tmp_path / "pred_reference")
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(dataset["raw"], "imagesTs"), "-o", output, "-d",
-             str(dataset["id"]), "-c", "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
-             "--save_probabilities"], dict(dataset["env"], HYMUNET_SCAN_BACKEND="reference"))
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(resumed_training["model"], use_folds=(0,))
+    predictor.predict_from_files_sequential(os.path.join(dataset["raw"], "imagesTs"), output,
+                                            save_probabilities=True)
     names = sorted(f for f in os.listdir(default_backend_prediction) if f.endswith(".npz"))
     assert names and names == sorted(f for f in os.listdir(output) if f.endswith(".npz"))
     for name in names:
@@ -129,11 +136,10 @@ def test_a_checkpoint_predicts_the_same_with_another_scan_backend(resumed_traini
 
 def test_stock_trainer_trains_and_predicts_hymunet_through_the_plans_route(planned_tiny_2d, tmp_path, monkeypatch):
     dataset = planned_tiny_2d
-    out = run_cli(["hymunet", "plan", "-d", str(dataset["id"]), "-c", "2d"], dataset["env"])
-    assert "nnUNetHyMUNetPlans.json" in out
-
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile"):
         monkeypatch.setenv(key, dataset["env"][key])
+    assert hymunet_main(["plan", "-d", str(dataset["id"]), "-c", "2d"]) == 0  # in-process: one CLI start-up less
+    assert os.path.isfile(os.path.join(dataset["preprocessed"], "nnUNetHyMUNetPlans.json"))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
