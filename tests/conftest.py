@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 BIN = os.path.dirname(sys.executable)
@@ -69,28 +68,10 @@ def write_tiny_2d_dataset(raw_root: str, dataset_id: int, num_train: int = 10, n
 
 def write_tiny_3d_dataset(raw_root: str, dataset_id: int, num_train: int = 8, num_test: int = 1,
                           shape=(24, 32, 32), seed: int = 0) -> str:
-    """Single-channel NIfTI volumes with a bright noisy ellipsoid labelled 1 (anisotropic spacing 2 x 1 x 1 mm)."""
-    import SimpleITK as sitk
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+    """Single-channel NIfTI volumes with a bright noisy ellipsoid labelled 1 (spacing 2 x 1 x 1 mm)."""
+    from nnunetv2_hymunet.demo_data import write_blob_volume_dataset
 
-    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_Tiny3D")
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-    for index in range(num_train + num_test):
-        centre = [rng.uniform(0.35, 0.65) * n for n in shape]
-        radii = [rng.uniform(0.18, 0.3) * n for n in shape]
-        mask = sum(((g - c) / r) ** 2 for g, c, r in zip((zz, yy, xx), centre, radii)) < 1
-        image = rng.normal(0, 0.4, shape).astype(np.float32) + mask * rng.uniform(0.8, 1.2)
-        split = "Tr" if index < num_train else "Ts"
-        for array, sub, suffix in ((image, f"images{split}", "_0000"), (mask.astype(np.uint8), f"labels{split}", "")):
-            item = sitk.GetImageFromArray(array)
-            item.SetSpacing((1.0, 1.0, 2.0))  # x, y, z
-            sitk.WriteImage(item, os.path.join(folder, sub, f"vol_{index:03d}{suffix}.nii.gz"))
-    generate_dataset_json(folder, {0: "MRI"}, {"background": 0, "blob": 1}, num_train, ".nii.gz",
-                          dataset_name="Tiny3D")
-    return folder
+    return write_blob_volume_dataset(raw_root, dataset_id, "Tiny3D", num_train, num_test, shape, seed)
 
 
 def tiny_plans(dim: int = 2, patch_size=None, n_stages: int = 4, features=(8, 16, 32, 32), batch_size: int = 2,

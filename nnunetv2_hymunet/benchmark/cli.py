@@ -35,7 +35,7 @@ def run_profile(args) -> int:
     result = profile_models(plan, args.models or list(DEFAULT_MODELS), device=args.device or _default_device(),
                             batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
                             case_shape=args.case_shape, sliding_window=not args.no_sliding_window,
-                            native_patch_size=native)
+                            native_patch_size=native, threads=args.threads)
     print()
     print(describe_run(result))
     print()
@@ -63,7 +63,8 @@ def run_benchmark_command(args) -> int:
                   os.path.abspath(args.output) if args.output else None, device=args.device or _default_device(),
                   reference=args.reference_trainer, short_schedule=schedule, num_processes=args.num_processes,
                   n_proc_da=args.n_proc_da, dry_run=args.dry_run, emit_slurm=args.emit_slurm, train=not args.no_train,
-                  profile=not args.no_profile, profile_repeats=args.profile_repeats, slurm_options=slurm)
+                  profile=not args.no_profile, profile_repeats=args.profile_repeats,
+                  profile_threads=args.profile_threads, slurm_options=slurm)
     return 0
 
 
@@ -101,6 +102,7 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--case-shape", type=int, nargs="+", help="image shape for the sliding-window timing (default: "
                                                              "the plan's median image size)")
     p.add_argument("--no-sliding-window", action="store_true", help="skip the sliding-window timing")
+    p.add_argument("--threads", type=int, help="torch CPU threads during the measurement (default: torch's)")
     p.add_argument("-o", "--output", help="folder for profile.json, profile.md, profile.png")
     p.set_defaults(func=run_profile)
 
@@ -137,6 +139,7 @@ def add_subparsers(subparsers) -> None:
     r.add_argument("--no-train", action="store_true", help="only evaluate and report what is finished")
     r.add_argument("--no-profile", action="store_true", help="leave the efficiency columns out")
     r.add_argument("--profile-repeats", type=int, default=3)
+    r.add_argument("--profile-threads", type=int, help="torch CPU threads while profiling (default: torch's)")
     r.set_defaults(func=run_benchmark_command)
 
     s = commands.add_parser("make-suite", help="write the synthetic benchmark datasets (nnU-Net raw format)",

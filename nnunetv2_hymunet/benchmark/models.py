@@ -22,6 +22,10 @@ def find_trainer_class(name: str):
     """The trainer class called `name`: ours first (cheap), then nnU-Net's search (its package, nnUNet_extTrainer)."""
     import nnunetv2_hymunet.training as ours
 
+    if name == "nnUNetTrainer":  # skip nnU-Net's search, which imports every trainer module it ships
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        return nnUNetTrainer
     if hasattr(ours, name):
         return getattr(ours, name)
     if name.endswith("_bench"):

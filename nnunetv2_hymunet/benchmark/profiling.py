@@ -291,8 +291,27 @@ def _scan_backend(device) -> str:
 
 def profile_models(plan: ProfilePlan, models, device="cpu", batch_size: int = None, repeats: int = 3,
                    warmup: int = 1, case_shape=None, sliding_window: bool = True, native_patch_size=None,
-                   log=print) -> dict:
-    """Profile `models` (see models.py) on `plan`; returns the JSON-ready result (see module docstring)."""
+                   threads: int = None, log=print) -> dict:
+    """Profile `models` (see models.py) on `plan`; returns the JSON-ready result (see module docstring).
+
+    threads: torch intra-op threads for the measurement (restored afterwards); default torch's own setting.
+    """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise HyMUNetError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _profile_models(plan, models, device, batch_size, repeats, warmup, case_shape, sliding_window,
+                               native_patch_size, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _profile_models(plan, models, device, batch_size, repeats, warmup, case_shape, sliding_window, native_patch_size,
+                    log) -> dict:
     import torch
 
     device = torch.device(device)

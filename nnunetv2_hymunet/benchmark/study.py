@@ -11,7 +11,7 @@ from nnunetv2_hymunet.errors import HyMUNetError
 
 
 def _profile_dataset(dataset: str, configuration: str, plans: str, trainers: list, device: str, repeats: int,
-                     output_dir: str, log=print):
+                     output_dir: str, threads=None, log=print):
     """profile_models on the dataset's plans, cached in OUTPUT/profile/ (recomputed when the model list changes)."""
     from nnunetv2_hymunet.benchmark.presets import dataset_plan
     from nnunetv2_hymunet.benchmark.profile_report import write_profile_outputs
@@ -25,14 +25,15 @@ def _profile_dataset(dataset: str, configuration: str, plans: str, trainers: lis
         if [m["model"] for m in result["models"]] == trainers:
             return result
     result = profile_models(dataset_plan(dataset, configuration, plans), trainers, device=device, repeats=repeats,
-                            log=log)
+                            threads=threads, log=log)
     write_profile_outputs(result, folder)
     return result
 
 
 def run_benchmark(datasets, configurations, models, folds, output_dir, device="cpu", reference=None,
                   short_schedule=None, num_processes=None, n_proc_da=None, dry_run=False, emit_slurm=None,
-                  train=True, profile=True, profile_repeats=3, slurm_options=None, log=print) -> dict:
+                  train=True, profile=True, profile_repeats=3, profile_threads=None, slurm_options=None,
+                  log=print) -> dict:
     """Returns {'commands': [...], 'report': paths or None, 'trained': [run descriptions]}."""
     models = [m if isinstance(m, runner.Model) else runner.Model.parse(m) for m in models]
     labels = [m.label for m in models]
@@ -98,7 +99,7 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
     entries = []
     for dataset, configuration in dict.fromkeys((r.dataset, r.configuration) for r in runs):
         entry = _dataset_entry(dataset, configuration, [r for r in runs if r.dataset == dataset], models, output_dir,
-                               device, profile, profile_repeats, n_proc, log)
+                               device, profile, profile_repeats, profile_threads, n_proc, log)
         if entry:
             entries.append(entry)
     header = [f"Command: `{' '.join(sys.argv)}`",
@@ -111,7 +112,8 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
     return {"commands": commands, "report": paths, "trained": trained}
 
 
-def _dataset_entry(dataset, configuration, runs, models, output_dir, device, profile, profile_repeats, n_proc, log):
+def _dataset_entry(dataset, configuration, runs, models, output_dir, device, profile, profile_repeats, profile_threads,
+                   n_proc, log):
     from nnunetv2_hymunet.evaluation import compare_runs
 
     evaluation_root = os.path.join(output_dir, "evaluation", dataset)
@@ -141,7 +143,7 @@ def _dataset_entry(dataset, configuration, runs, models, output_dir, device, pro
         if len(plans) > 1:
             log(f"  {dataset}: models use different plans ({', '.join(sorted(plans))}); profiling each on its own")
         results = [_profile_dataset(dataset, configuration, p, [m["trainer"] for m in evaluated if m["plans"] == p],
-                                    device, profile_repeats, output_dir, log) for p in sorted(plans)]
+                                    device, profile_repeats, output_dir, profile_threads, log) for p in sorted(plans)]
         profile_result = results[0] if len(results) == 1 else {**results[0],
                                                                "models": [m for r in results for m in r["models"]]}
     return {"dataset": dataset, "configuration": configuration, "models": evaluated, "comparison": comparison,

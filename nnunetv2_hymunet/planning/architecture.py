@@ -30,8 +30,9 @@ def hymunet_arch_kwargs(network_class_name: str, arch_kwargs: dict, knob_overrid
     """HyMUNet arch_kwargs (strings for the classes, as in plans files) from a plans architecture entry.
 
     Accepts PlainConvUNet-style (`n_conv_per_stage`) and ResidualEncoderUNet-style (`n_blocks_per_stage`; HyMUNet
-    takes either) architectures, and HyMUNet itself, whose hybrid knobs are kept. Arguments HyMUNet has no use for (ResEnc's block type, stem and bottleneck
-    channels, ...) are dropped. `knob_overrides` (a trainer variant's or a preset's knobs) win over the plans'.
+    takes either) architectures, and HyMUNet itself, whose hybrid knobs are kept. Arguments HyMUNet has no use for
+    (ResEnc's block type, stem and bottleneck channels, ...) are dropped. `knob_overrides` (a trainer variant's or a
+    preset's knobs) win over the plans'.
     """
     missing = [k for k in _REQUIRED_KEYS if k not in arch_kwargs]
     if missing:

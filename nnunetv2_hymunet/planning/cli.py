@@ -14,7 +14,7 @@ def plan(args: argparse.Namespace) -> int:
         ratio = hy["feature_map_elements"] / src["feature_map_elements"]
         print(f"{name}: {src['network']} batch {src['batch_size']} patch {src['patch_size']} -> HyMUNet batch "
               f"{hy['batch_size']} patch {hy['patch_size']} (memory estimate per sample x{ratio:.2f} of "
-              f"{src['network']}{'' if s['fits_target'] else '; ABOVE the GPU memory target'})"
+              f"{src['network']} at that patch{'' if s['fits_target'] else '; ABOVE the GPU memory target'})"
               + (f", knobs {hy['knobs']}" if hy["knobs"] else ""))
     plans_name = os.path.splitext(os.path.basename(target))[0]
     print(f"wrote {target}")

@@ -99,7 +99,8 @@ def plan_configuration(configuration: dict, settings: dict, knobs: dict, gpu_mem
     else:
         batch, patch, elements = fit_batch_and_patch(estimate, planned_patch, planned_batch, strides,
                                                      configuration["median_image_size_in_voxels"], gpu_memory_gb)
-    source_elements = feature_map_elements(configuration["architecture"], planned_patch, num_input_channels,
+    # the source network at the same patch: the ratio shows what the hybrid stages cost
+    source_elements = feature_map_elements(configuration["architecture"], patch, num_input_channels,
                                            num_output_channels)
     fits = max_batch_size(elements, dim, gpu_memory_gb) >= batch
     summary = {

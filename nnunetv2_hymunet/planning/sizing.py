@@ -1,11 +1,12 @@
 """Batch and patch size for HyMUNet under a GPU memory target, the way nnU-Net's planners size PlainConvUNet.
 
 nnU-Net estimates training memory as the number of stored feature-map elements for one sample
-(`compute_conv_feature_map_size`) and compares it with reference values measured for PlainConvUNet: a network whose
-estimate is 85e6 elements (2D) or 560e6 (3D) trains in 8 GB at batch size 12 (2D) or 2 (3D). We reuse that yardstick with HyMUNet's own
-estimate, which counts its convolutions and its Mamba layers, so the deep Mamba stages shrink the batch (then the
-patch) just as extra convolutions would. The network topology (strides) and the preprocessed data stay those of the
-source plans: the patch only shrinks in steps that keep it divisible by the total stride.
+(`compute_conv_feature_map_size`) and compares it with reference values measured for PlainConvUNet: a network
+whose estimate is 85e6 elements (2D) or 560e6 (3D) trains in 8 GB at batch size 12 (2D) or 2 (3D). We reuse that
+yardstick with HyMUNet's own estimate, which counts its convolutions and its Mamba layers, so the deep Mamba stages
+shrink the batch (then the patch) just as extra convolutions would. The network topology (strides) and the
+preprocessed data stay those of the source plans: the patch only shrinks in steps that keep it divisible by the
+total stride.
 """
 
 from typing import Callable, Sequence
