@@ -21,12 +21,12 @@ from nnunetv2_hymunet.errors import HyMUNetError
 DEMO_DATASET_ID = 990
 DEMO_DATASET_NAME = "HyMUNetDemo"
 DEMO_TRAINER = "nnUNetTrainerHyMUNet_demo"
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = 10
 DEFAULT_ITERATIONS = 25
 
 # nnU-Net output lines worth showing live; everything goes to the stage's log file
-_INTERESTING = re.compile(r"^(Epoch \d+|train_loss|val_loss|Pseudo dice|Epoch time|Mean Validation Dice|Predicting|"
-                          r"Plans were saved|Traceback|\w*Error)|Yayy|Training done", re.IGNORECASE)
+_INTERESTING = re.compile(r"^(Epoch \d+|train_loss|Pseudo dice|Epoch time|Mean Validation Dice|Predicting|"
+                          r"Plans were saved|Traceback|\w*Error)|Training done", re.IGNORECASE)
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ")
 
 

@@ -79,13 +79,13 @@ DEMO_SCHEDULE_ENV = {
 
 
 class nnUNetTrainerHyMUNet_demo(nnUNetTrainerHyMUNet):
-    """A minutes-long schedule (default 20 epochs x 25 iterations, 5 validation iterations): not for real training.
+    """A minutes-long schedule (default 10 epochs x 25 iterations, 5 validation iterations): not for real training.
 
     Each value can be overridden with the environment variable of the same meaning (HYMUNET_EPOCHS,
     HYMUNET_ITERATIONS, HYMUNET_VAL_ITERATIONS, HYMUNET_SAVE_EVERY), read when the trainer starts. Prediction does
     not depend on them.
     """
-    schedule = {"num_epochs": 20, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5, "save_every": 5}
+    schedule = {"num_epochs": 10, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5, "save_every": 5}
 
     def training_schedule(self) -> dict:
         values = dict(self.schedule)
