@@ -8,7 +8,7 @@ Times are medians over --repeats rounds; in each round every model runs once (in
 machine hit all models alike. Forward = inference (no grad, deep supervision off); train step = forward with deep
 supervision on, a loss over all outputs, backward. FLOPs come from torch.utils.flop_counter.FlopCounterMode, which does
 not see the selective scan (a custom autograd function); its cost is added analytically and printed separately.
-Peak memory is the peak RSS during one (second) training step minus the RSS before it, measured in a fresh
+Peak memory is the peak RSS during the first training step minus the RSS before it, measured in a fresh
 subprocess per model (Linux: the peak is reset through /proc/self/clear_refs).
 Usage: python scripts/bench_network.py [--patch 768 1024] [--batch 1] [--repeats 3] [--json out.json]
 """
@@ -107,25 +107,24 @@ def _status_kib(field: str) -> int:
 
 
 def memory_probe(name: str, patch, batch: int) -> None:
-    """Run in a fresh process: peak RSS during one training step minus the RSS before it (MiB), printed as JSON.
+    """Run in a fresh process: peak RSS during the first training step minus the RSS before it (MiB), as JSON.
 
     The peak (VmHWM) is reset first by writing 5 to /proc/self/clear_refs (Linux), so building the model does not
-    hide the step's peak.
+    hide the step's peak. Only the first step is measured: later steps reuse memory the allocator kept.
     """
     import torch
 
     net = build(name)
     x = torch.randn(batch, 3, *patch)
-    train_step(net, x)  # first step allocates gradients and warms up; the second is measured
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
-    train_step(net, x)
+    train_step(net, x)  # the first step: activations plus the gradient buffers a training step needs
     peak = _status_kib("VmHWM")
     print(json.dumps({"peak_rss_increase_mib": (peak - before) / 1024}))
 
 
-def run(patch, batch: int, repeats: int, threads: int, json_path: str = None) -> dict:
+def run(patch, batch: int, repeats: int, threads: int, json_path: str = None, models=None) -> dict:
     import torch
 
     from nnunetv2_hymunet.ssm import resolve_backend
@@ -136,7 +135,11 @@ def run(patch, batch: int, repeats: int, threads: int, json_path: str = None) ->
           f"load average {os.getloadavg()}", flush=True)
     torch.manual_seed(0)
     x = torch.randn(batch, 3, *patch)
-    nets = {name: build(name) for name in MODELS}
+    names = list(models or MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or "PlainConvUNet" not in names:
+        raise SystemExit(f"--models must name PlainConvUNet and others from {list(MODELS)}; unknown: {unknown}")
+    nets = {name: build(name) for name in names}
     results = {name: {"params": sum(p.numel() for p in net.parameters())} for name, net in nets.items()}
     for name, net in nets.items():
         net.decoder.deep_supervision = False
@@ -148,8 +151,8 @@ def run(patch, batch: int, repeats: int, threads: int, json_path: str = None) ->
         net.train()
         net.decoder.deep_supervision = True
         train_step(net, x)
-    fwd = {name: [] for name in MODELS}
-    step = {name: [] for name in MODELS}
+    fwd = {name: [] for name in names}
+    step = {name: [] for name in names}
     for r in range(repeats):
         for name, net in nets.items():
             net.eval()
@@ -164,11 +167,11 @@ def run(patch, batch: int, repeats: int, threads: int, json_path: str = None) ->
             train_step(net, x)
             step[name].append(time.perf_counter() - t)
         print(f"round {r + 1}/{repeats} done, load average {os.getloadavg()}", flush=True)
-    for name in MODELS:
+    for name in names:
         results[name]["forward_s"] = statistics.median(fwd[name])
         results[name]["train_step_s"] = statistics.median(step[name])
     del nets
-    for name in MODELS:
+    for name in names:
         probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, "--patch", *map(str, patch),
                                 "--batch", str(batch), "--threads", str(threads)],
                                capture_output=True, text=True, check=True)
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--models", nargs="+", default=None, help=f"a subset of: {', '.join(MODELS)}")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
         return 0
     if len(args.patch) != 2 or any(p % 128 for p in args.patch):
         parser.error(f"--patch must be two sizes divisible by 128 (the plan's total stride), got {args.patch}")
-    run(tuple(args.patch), args.batch, args.repeats, args.threads, args.json)
+    run(tuple(args.patch), args.batch, args.repeats, args.threads, args.json, args.models)
     return 0
 
 
