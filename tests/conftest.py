@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -48,8 +49,10 @@ def run_cli(command: list, env: dict, timeout: float = 600) -> str:
     """Run a command; return its combined output, or fail the test showing the end of it."""
     if not os.path.isabs(command[0]):
         command = [executable(command[0])] + list(command[1:])
+    started = time.monotonic()
     proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
+    print(f"[{time.monotonic() - started:6.1f} s] {' '.join(os.path.basename(c) for c in command[:2])} ...")
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited with {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc.stdout

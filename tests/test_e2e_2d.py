@@ -122,6 +122,7 @@ def test_a_checkpoint_predicts_the_same_with_another_scan_backend(resumed_traini
     monkeypatch.setenv("HYMUNET_SCAN_BACKEND", "reference")
     dataset = resumed_training["dataset"]
     output = str(tmp_path / "pred_reference")
+    os.makedirs(output)
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
     predictor.initialize_from_trained_model_folder(resumed_training["model"], use_folds=(0,))
     predictor.predict_from_files_sequential(os.path.join(dataset["raw"], "imagesTs"), output,
