@@ -26,7 +26,8 @@ class MambaGuidedFusion(nn.Module):
 
     def forward(self, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.gate_norm(self.gate_conv(upsampled)))
-        return torch.cat((upsampled, torch.addcmul(skip, skip, gate)), 1)
+        # E * G + E written as E * (G + 1): one elementwise pass less in backward than addcmul on CPU
+        return torch.cat((upsampled, skip * (gate + 1)), 1)
 
     def feature_map_size(self, channels: int, n_voxels: int) -> int:
         return 2 * channels * n_voxels  # gate conv (norm and sigmoid not counted, as in DNA) and the gated skip
