@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 
 from nnunetv2_hymunet.conversion.case_runner import Problem, describe_read_error, map_cases, raise_if_problems
-from nnunetv2_hymunet.conversion.image_files import READ_ERRORS, open_rgb, read_binary_gif, save_png
+from nnunetv2_hymunet.conversion.image_files import READ_ERRORS, files_by_pattern, open_rgb, read_binary_gif, save_png
 from nnunetv2_hymunet.conversion.raw_dataset import AtomicDatasetFolder, write_dataset_json, write_source_record
 from nnunetv2_hymunet.errors import HyMUNetError
 
@@ -28,17 +28,6 @@ RELEASE_SPLITS = (
     ("training", "training", "training", "imagesTr", "labelsTr", "fovTr"),
     ("test", "test", "test", "imagesTs", "labelsTs", "fovTs"),
 )
-
-
-def _numbered_files(folder: str, pattern: re.Pattern) -> dict[str, str]:
-    if not os.path.isdir(folder):
-        return {}
-    found = {}
-    for entry in sorted(os.listdir(folder)):
-        match = pattern.match(entry)
-        if match and os.path.isfile(os.path.join(folder, entry)):
-            found[match.group(1)] = os.path.join(folder, entry)
-    return found
 
 
 def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
@@ -53,11 +42,11 @@ def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
             if split == "training":
                 problems.append(Problem(image_dir, "missing: the DRIVE training images folder"))
             continue
-        images = _numbered_files(image_dir, re.compile(rf"^(\d+)_{suffix}\.tif$"))
-        fovs = _numbered_files(os.path.join(split_dir, "mask"), re.compile(rf"^(\d+)_{suffix}_mask\.gif$"))
+        images = files_by_pattern(image_dir, re.compile(rf"^(\d+)_{suffix}\.tif$"))
+        fovs = files_by_pattern(os.path.join(split_dir, "mask"), re.compile(rf"^(\d+)_{suffix}_mask\.gif$"))
         manual_dir = os.path.join(split_dir, "1st_manual")
         labelled = split == "training" or os.path.isdir(manual_dir)
-        manuals = _numbered_files(manual_dir, re.compile(r"^(\d+)_manual1\.gif$"))
+        manuals = files_by_pattern(manual_dir, re.compile(r"^(\d+)_manual1\.gif$"))
         if not images:
             problems.append(Problem(image_dir, f"contains no NN_{suffix}.tif images"))
         for number in sorted(set(images) - set(fovs)):

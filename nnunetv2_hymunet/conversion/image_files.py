@@ -4,6 +4,9 @@ Pillow is used for every 2D format: it decodes GIFs as single 2-D frames (skimag
 DRIVE GIFs) and writes deterministic PNGs, so serial and parallel conversions are byte-identical.
 """
 
+import os
+import re
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -12,6 +15,21 @@ READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 # zlib level 1: about 4x faster than Pillow's default (6) on 1000x700 dermoscopy-like images, files ~12% larger;
 # nnU-Net reads each raw PNG only once, during preprocessing
 PNG_COMPRESS_LEVEL = 1
+
+
+def files_by_pattern(folder: str, pattern: re.Pattern) -> dict[str, str]:
+    """{first regex group: path} for the files in `folder` whose names match (empty for a missing folder).
+
+    Matching names rather than listing the folder skips the releases' ATTRIBUTION.txt, LICENSE.txt and the like.
+    """
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for entry in sorted(os.listdir(folder)):
+        match = pattern.match(entry)
+        if match and os.path.isfile(os.path.join(folder, entry)):
+            found[match.group(1)] = os.path.join(folder, entry)
+    return found
 
 
 def open_rgb(path: str) -> Image.Image:

@@ -13,7 +13,14 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import save_json
 
 from nnunetv2_hymunet.conversion.case_runner import Problem, describe_read_error, map_cases, raise_if_problems
-from nnunetv2_hymunet.conversion.image_files import READ_ERRORS, open_rgb, present_values, read_single_channel, save_png
+from nnunetv2_hymunet.conversion.image_files import (
+    READ_ERRORS,
+    files_by_pattern,
+    open_rgb,
+    present_values,
+    read_single_channel,
+    save_png,
+)
 from nnunetv2_hymunet.conversion.raw_dataset import AtomicDatasetFolder, write_dataset_json, write_source_record
 from nnunetv2_hymunet.conversion.splits import read_split_file, splits_destination
 from nnunetv2_hymunet.errors import HyMUNetError
@@ -30,16 +37,6 @@ MASK_PATTERN = re.compile(r"^(ISIC_\d{7})_segmentation\.png$")
 MASK_VALUES = {0, 255}
 
 
-def _matching_files(folder: str, pattern: re.Pattern) -> dict[str, str]:
-    """{ISIC id: path} for the files whose names match; ATTRIBUTION.txt, LICENSE.txt and the like are skipped."""
-    found = {}
-    for entry in sorted(os.listdir(folder)):
-        match = pattern.match(entry)
-        if match and os.path.isfile(os.path.join(folder, entry)):
-            found[match.group(1)] = os.path.join(folder, entry)
-    return found
-
-
 def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
     """Pair images and masks per split. Returns (cases, split record, problems found from the file names alone)."""
     if not os.path.isdir(input_dir):
@@ -54,13 +51,13 @@ def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
             if os.path.isdir(truth_dir):
                 problems.append(Problem(truth_dir, f"ground truth without its image folder {image_folder}"))
             continue
-        images = _matching_files(image_dir, IMAGE_PATTERN)
+        images = files_by_pattern(image_dir, IMAGE_PATTERN)
         if not images:
             problems.append(Problem(image_dir, "contains no ISIC_<7 digits>.jpg images"))
         labelled = os.path.isdir(truth_dir)
         if split == "training" and not labelled:
             problems.append(Problem(truth_dir, "missing: the ISIC 2018 training ground-truth folder"))
-        masks = _matching_files(truth_dir, MASK_PATTERN) if labelled else {}
+        masks = files_by_pattern(truth_dir, MASK_PATTERN) if labelled else {}
         if labelled:
             for case_id in sorted(set(images) - set(masks)):
                 problems.append(Problem(images[case_id], f"has no mask {case_id}_segmentation.png in {truth_dir}"))
