@@ -68,24 +68,63 @@ def _exp_block(x, out, k_scratch, scale_scratch):
         out[i] = out[i] * scale_scratch[i] if xi <= 709.0 else (np.inf if xi > 709.0 else xi)
 
 
+# The same construction in float32 for float32 inputs: twice the SIMD lanes and a degree-7 polynomial (truncation
+# error < 1e-8 on |r| <= ln2/2, below float32 rounding). Inputs below -87 give exp(-87) (~1.6e-38, the smallest
+# normal float32 range), x > 88 gives inf. Constants are float32 scalars so numba does not promote to float64.
+_F32_LOG2E = np.float32(1.4426950408889634)
+_F32_LN2_HI = np.float32(0.693359375)
+_F32_LN2_LO = np.float32(-2.12194440e-4)
+_F32_ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23
+_F32_ROUND_MAGIC_BITS = np.int32(0x4B400000)
+_F32_LOW, _F32_HIGH = np.float32(-87.0), np.float32(88.0)
+_F32_ONE, _F32_INF = np.float32(1.0), np.float32(np.inf)
+_F32_TAYLOR = tuple(np.float32(1.0 / f) for f in (5040.0, 720.0, 120.0, 24.0, 6.0, 2.0))
+
+
+@numba.njit(cache=True, nogil=True)
+def _exp_block32(x, out, k_scratch, scale_scratch):
+    k_bits = k_scratch.view(np.int32)
+    scale_bits = scale_scratch.view(np.int32)
+    c7, c6, c5, c4, c3, c2 = _F32_TAYLOR
+    for i in range(x.shape[0]):
+        xi = min(max(x[i], _F32_LOW), _F32_HIGH)
+        k = xi * _F32_LOG2E + _F32_ROUND_MAGIC
+        k_scratch[i] = k
+        k -= _F32_ROUND_MAGIC
+        r = (xi - k * _F32_LN2_HI) - k * _F32_LN2_LO
+        p = c7 * r + c6
+        p = p * r + c5
+        p = p * r + c4
+        p = p * r + c3
+        p = p * r + c2
+        p = p * r + _F32_ONE
+        out[i] = p * r + _F32_ONE
+    for i in range(x.shape[0]):
+        scale_bits[i] = np.int32((k_bits[i] - _F32_ROUND_MAGIC_BITS + np.int32(127)) << np.int32(23))
+    for i in range(x.shape[0]):
+        xi = x[i]
+        out[i] = out[i] * scale_scratch[i] if xi <= _F32_HIGH else (_F32_INF if xi > _F32_HIGH else xi)
+
+
 _KERNEL_FLAGS = dict(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 
 
 @numba.njit(cache=True, nogil=True)
-def _chunk_decays(delta, A, b, d, t0, t1, x_scratch, decays, k_scratch, scale_scratch):
-    """decays[k*N + n] = exp(delta[b, d, t0 + k] * A[d, n]) for the steps t0..t1-1 (float64)."""
+def _chunk_decays(delta, A, b, d, t0, t1, x_scratch, decays, k_scratch, scale_scratch, exp_block):
+    """decays[k*N + n] = exp(delta[b, d, t0 + k] * A[d, n]) for the steps t0..t1-1, in the inputs' dtype."""
     n_state = A.shape[1]
     count = (t1 - t0) * n_state
     for t in range(t0, t1):
-        dt = np.float64(delta[b, d, t])
+        dt = delta[b, d, t]
         base = (t - t0) * n_state
         for n in range(n_state):
             x_scratch[base + n] = dt * A[d, n]
-    _exp_block(x_scratch[:count], decays[:count], k_scratch[:count], scale_scratch[:count])
+    exp_block(x_scratch[:count], decays[:count], k_scratch[:count], scale_scratch[:count])
 
 
 @numba.njit(**_KERNEL_FLAGS)
-def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, save_checkpoints, y, last_state, checkpoints):
+def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, save_checkpoints, y, last_state, checkpoints,
+                    exp_block):
     """u, delta (b, d, L); A (d, N); Bt, Ct (b, G, L, N) -> y (b, d, L), last_state (b, d, N), checkpoints."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
@@ -94,15 +133,15 @@ def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, save_checkpoints, y,
         d = task % dim
         g = d // group_size
         h = np.zeros(n_state, dtype=u.dtype)
-        x_scratch = np.empty(chunk * n_state)
-        decays = np.empty(chunk * n_state)
-        k_scratch = np.empty(chunk * n_state)
-        scale_scratch = np.empty(chunk * n_state)
+        x_scratch = np.empty(chunk * n_state, dtype=u.dtype)
+        decays = np.empty(chunk * n_state, dtype=u.dtype)
+        k_scratch = np.empty(chunk * n_state, dtype=u.dtype)
+        scale_scratch = np.empty(chunk * n_state, dtype=u.dtype)
         for t0 in range(0, length, chunk):
             t1 = min(t0 + chunk, length)
             if save_checkpoints:
                 checkpoints[b, d, t0 // chunk, :] = h  # state before step t0
-            _chunk_decays(delta, A, b, d, t0, t1, x_scratch, decays, k_scratch, scale_scratch)
+            _chunk_decays(delta, A, b, d, t0, t1, x_scratch, decays, k_scratch, scale_scratch, exp_block)
             for t in range(t0, t1):
                 dtu = delta[b, d, t] * u[b, d, t]
                 base = (t - t0) * n_state
@@ -117,7 +156,7 @@ def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, save_checkpoints, y,
 
 @numba.njit(**_KERNEL_FLAGS)
 def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, chunk, blocks_per_group,
-                     du, ddelta, dA_per_batch, dB_blocks, dC_blocks):
+                     du, ddelta, dA_per_batch, dB_blocks, dC_blocks, exp_block):
     """Adjoint sweep. dA_per_batch (b, d, N); dB_blocks, dC_blocks (b, G, blocks_per_group, L, N), zero-filled."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
@@ -132,10 +171,10 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
         d_stop = min(d_start + block_size, (g + 1) * group_size)
         n_dims = max(d_stop - d_start, 0)
         states = np.empty((chunk + 1, n_state), dtype=u.dtype)
-        x_scratch = np.empty(chunk * n_state)
-        decays = np.empty(chunk * n_state)
-        k_scratch = np.empty(chunk * n_state)
-        scale_scratch = np.empty(chunk * n_state)
+        x_scratch = np.empty(chunk * n_state, dtype=u.dtype)
+        decays = np.empty(chunk * n_state, dtype=u.dtype)
+        k_scratch = np.empty(chunk * n_state, dtype=u.dtype)
+        scale_scratch = np.empty(chunk * n_state, dtype=u.dtype)
         # adjoint carried into the chunk from the future, a_{t+1} * g_{t+1} (+ dlast at the end); one row per channel
         adjoint = np.empty((n_dims, n_state), dtype=u.dtype)
         grad_A = np.zeros((n_dims, n_state), dtype=u.dtype)
@@ -147,7 +186,7 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
             t1 = min(t0 + chunk, length)
             for i in range(n_dims):
                 d = d_start + i
-                _chunk_decays(delta, A, b, d, t0, t1, x_scratch, decays, k_scratch, scale_scratch)
+                _chunk_decays(delta, A, b, d, t0, t1, x_scratch, decays, k_scratch, scale_scratch, exp_block)
                 states[0, :] = checkpoints[b, d, c, :]
                 for t in range(t0, t1):
                     k = t - t0
@@ -176,6 +215,10 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
                     ddelta[b, d, t] = ut * sum_gB + sum_Agah
         for i in range(n_dims):
             dA_per_batch[b, d_start + i, :] = grad_A[i, :]
+
+
+def _exp_block_for(dtype: torch.dtype):
+    return _exp_block32 if dtype == torch.float32 else _exp_block
 
 
 def _num_threads() -> int:
@@ -209,7 +252,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         last_state = u.new_empty(batch, dim, A.shape[1])
         checkpoints = u.new_empty(batch, dim, n_chunks, A.shape[1])
         _launch(_forward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dim // groups, CHUNK,
-                save, y.numpy(), last_state.numpy(), checkpoints.numpy())
+                save, y.numpy(), last_state.numpy(), checkpoints.numpy(), _exp_block_for(u.dtype))
         if save:
             ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
         return y, last_state
@@ -229,7 +272,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         dC_blocks = u.new_zeros(batch, groups, blocks_per_group, length, n_state)
         _launch(_backward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), _np(dy), _np(dlast),
                 checkpoints.numpy(), group_size, CHUNK, blocks_per_group, du.numpy(), ddelta.numpy(),
-                dA_per_batch.numpy(), dB_blocks.numpy(), dC_blocks.numpy())
+                dA_per_batch.numpy(), dB_blocks.numpy(), dC_blocks.numpy(), _exp_block_for(u.dtype))
         dB = dB_blocks.sum(2).transpose(-1, -2) if blocks_per_group > 1 else dB_blocks[:, :, 0].transpose(-1, -2)
         dC = dC_blocks.sum(2).transpose(-1, -2) if blocks_per_group > 1 else dC_blocks[:, :, 0].transpose(-1, -2)
         return du, ddelta, dA_per_batch.sum(0), dB, dC
