@@ -143,23 +143,26 @@ TINY_2D_ID = 801
 TINY_3D_ID = 802
 
 
+def _plan_tiny_dataset(nnunet_folders, folder: str, dataset_id: int, configuration: str) -> dict:
+    """Plan and preprocess one configuration with the stock CLI; the dataset's paths and environment."""
+    env = nnunet_env(nnunet_folders)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1", "-npfp", "1"],
+            env)
+    name = os.path.basename(folder)
+    return {"id": dataset_id, "name": name, "raw": folder, "env": env,
+            "preprocessed": os.path.join(nnunet_folders["nnUNet_preprocessed"], name),
+            "results": os.path.join(nnunet_folders["nnUNet_results"], name)}
+
+
 @pytest.fixture(scope="session")
 def planned_tiny_2d(nnunet_folders) -> dict:
     """Tiny 2D RGB dataset (10 train + 2 test, 32 x 32 px), planned and preprocessed by the stock CLI (2d only)."""
     folder = write_tiny_2d_dataset(nnunet_folders["nnUNet_raw"], TINY_2D_ID)
-    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(TINY_2D_ID), "-c", "2d", "-np", "1", "-npfp", "1"],
-            nnunet_env(nnunet_folders))
-    return {"id": TINY_2D_ID, "name": os.path.basename(folder), "raw": folder, "env": nnunet_env(nnunet_folders),
-            "preprocessed": os.path.join(nnunet_folders["nnUNet_preprocessed"], os.path.basename(folder)),
-            "results": os.path.join(nnunet_folders["nnUNet_results"], os.path.basename(folder))}
+    return _plan_tiny_dataset(nnunet_folders, folder, TINY_2D_ID, "2d")
 
 
 @pytest.fixture(scope="session")
 def planned_tiny_3d(nnunet_folders) -> dict:
     """Tiny 3D NIfTI dataset (8 train + 1 test volumes of 24 x 32 x 32), planned and preprocessed (3d_fullres)."""
     folder = write_tiny_3d_dataset(nnunet_folders["nnUNet_raw"], TINY_3D_ID)
-    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(TINY_3D_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
-            nnunet_env(nnunet_folders))
-    return {"id": TINY_3D_ID, "name": os.path.basename(folder), "raw": folder, "env": nnunet_env(nnunet_folders),
-            "preprocessed": os.path.join(nnunet_folders["nnUNet_preprocessed"], os.path.basename(folder)),
-            "results": os.path.join(nnunet_folders["nnUNet_results"], os.path.basename(folder))}
+    return _plan_tiny_dataset(nnunet_folders, folder, TINY_3D_ID, "3d_fullres")
