@@ -22,6 +22,11 @@ class Problem(NamedTuple):
         return f"{self.path}: {self.message}"
 
 
+def unpaired_problems(files: dict, partners: dict, missing_partner: Callable[[str], str]) -> list[Problem]:
+    """A Problem for each file in `files` whose key is not in `partners`; `missing_partner(key)` names the gap."""
+    return [Problem(files[key], missing_partner(key)) for key in sorted(set(files) - set(partners))]
+
+
 def map_cases(case_function: Callable, cases: Sequence, num_workers: int, description: str) -> list[list[Problem]]:
     """Apply `case_function` to every case (in order) with a progress bar; return each case's problems.
 

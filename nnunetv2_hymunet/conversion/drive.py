@@ -17,7 +17,13 @@ from functools import partial
 
 import numpy as np
 
-from nnunetv2_hymunet.conversion.case_runner import Problem, describe_read_error, map_cases, raise_if_problems
+from nnunetv2_hymunet.conversion.case_runner import (
+    Problem,
+    describe_read_error,
+    map_cases,
+    raise_if_problems,
+    unpaired_problems,
+)
 from nnunetv2_hymunet.conversion.image_files import READ_ERRORS, files_by_pattern, open_rgb, read_binary_gif, save_png
 from nnunetv2_hymunet.conversion.raw_dataset import AtomicDatasetFolder, write_dataset_json, write_source_record
 from nnunetv2_hymunet.errors import HyMUNetError
@@ -49,15 +55,12 @@ def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
         manuals = files_by_pattern(manual_dir, re.compile(r"^(\d+)_manual1\.gif$"))
         if not images:
             problems.append(Problem(image_dir, f"contains no NN_{suffix}.tif images"))
-        for number in sorted(set(images) - set(fovs)):
-            problems.append(Problem(images[number], f"has no FOV mask {number}_{suffix}_mask.gif in {split_dir}/mask"))
-        for number in sorted(set(fovs) - set(images)):
-            problems.append(Problem(fovs[number], f"has no image {number}_{suffix}.tif in {image_dir}"))
+        fov_dir = os.path.join(split_dir, "mask")
+        problems += unpaired_problems(images, fovs, lambda n: f"has no FOV mask {n}_{suffix}_mask.gif in {fov_dir}")
+        problems += unpaired_problems(fovs, images, lambda n: f"has no image {n}_{suffix}.tif in {image_dir}")
         if labelled:
-            for number in sorted(set(images) - set(manuals)):
-                problems.append(Problem(images[number], f"has no manual {number}_manual1.gif in {manual_dir}"))
-            for number in sorted(set(manuals) - set(images)):
-                problems.append(Problem(manuals[number], f"has no image {number}_{suffix}.tif in {image_dir}"))
+            problems += unpaired_problems(images, manuals, lambda n: f"has no manual {n}_manual1.gif in {manual_dir}")
+            problems += unpaired_problems(manuals, images, lambda n: f"has no image {n}_{suffix}.tif in {image_dir}")
         split_ids = []
         for number in sorted(images):
             if number not in fovs or (labelled and number not in manuals):

@@ -12,7 +12,13 @@ from functools import partial
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import save_json
 
-from nnunetv2_hymunet.conversion.case_runner import Problem, describe_read_error, map_cases, raise_if_problems
+from nnunetv2_hymunet.conversion.case_runner import (
+    Problem,
+    describe_read_error,
+    map_cases,
+    raise_if_problems,
+    unpaired_problems,
+)
 from nnunetv2_hymunet.conversion.image_files import (
     READ_ERRORS,
     files_by_pattern,
@@ -59,10 +65,8 @@ def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
             problems.append(Problem(truth_dir, "missing: the ISIC 2018 training ground-truth folder"))
         masks = files_by_pattern(truth_dir, MASK_PATTERN) if labelled else {}
         if labelled:
-            for case_id in sorted(set(images) - set(masks)):
-                problems.append(Problem(images[case_id], f"has no mask {case_id}_segmentation.png in {truth_dir}"))
-            for case_id in sorted(set(masks) - set(images)):
-                problems.append(Problem(masks[case_id], f"has no image {case_id}.jpg in {image_dir}"))
+            problems += unpaired_problems(images, masks, lambda i: f"has no mask {i}_segmentation.png in {truth_dir}")
+            problems += unpaired_problems(masks, images, lambda i: f"has no image {i}.jpg in {image_dir}")
         split_ids = []
         for case_id in sorted(images):
             if case_id in seen:
