@@ -14,9 +14,10 @@ from nnunetv2_hymunet.ssm import resolve_backend, selective_scan_fn
 from nnunetv2_hymunet.ssm.selective_scan import ENV_VAR, mamba_ssm_kernel
 
 FAST_CPU_BACKENDS = ["numba", "torch"]
-# (batch, dim, L, N, groups); groups=None means B, C given as (batch, N, L). L=130 and 37 are no multiple of any
-# chunk size (numba checkpoints every 64 steps, the torch scan uses chunks of ceil(sqrt(L))).
-SHAPES = [(2, 6, 37, 4, None), (1, 4, 1, 3, 2), (2, 6, 130, 5, 3), (3, 5, 64, 16, None)]
+# (batch, dim, L, N, groups); groups=None means B, C given as (batch, N, L). L=130, 37 and 100 are no multiple of any
+# chunk size (numba checkpoints every 16 steps, the torch scan uses chunks of ceil(sqrt(L))). dim=70 in 2 groups puts
+# a full block of 32 numba lanes and a 3-channel remainder block into each group.
+SHAPES = [(2, 6, 37, 4, None), (1, 4, 1, 3, 2), (2, 6, 130, 5, 3), (3, 5, 64, 16, None), (2, 70, 100, 16, 2)]
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
