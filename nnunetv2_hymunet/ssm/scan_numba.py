@@ -191,6 +191,23 @@ def _exp_chunk(x, decays, k_scratch, scale_scratch, steps):
     _exp_block_any(x[:steps].ravel(), decays[:steps].ravel(), k_scratch[:steps].ravel(), scale_scratch[:steps].ravel())
 
 
+@numba.njit(**_HELPER_FLAGS)
+def _chunk_scan(u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays, k_scratch,
+                scale_scratch, states):
+    """Loads the block's delta and u for steps t0..t0+steps-1 into dt, ut (and dtu = dt * u), computes the decays and
+    advances states[0] (the state before step t0) into states[1..steps]. Shared by the forward and the backward's
+    recomputation, so both see bit-identical states."""
+    _load_block(delta, b, d0, width, t0, steps, dt)
+    _load_block(u, b, d0, width, t0, steps, ut)
+    for k in range(steps):
+        dtu_k, dt_k, u_k = dtu[k], dt[k], ut[k]
+        for w in range(dtu_k.shape[0]):
+            dtu_k[w] = dt_k[w] * u_k[w]
+    _chunk_inputs(dt, dtu, A_block, Bt, b, g, t0, steps, x, x_in)
+    _exp_chunk(x, decays, k_scratch, scale_scratch, steps)
+    _chunk_states(decays, x_in, steps, states)
+
+
 @numba.njit(**_KERNEL_FLAGS)
 def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, block, save_checkpoints, y, last_state, checkpoints):
     """u, delta (b, d, L); A (d, N); Bt, Ct (b, G, L, N) -> y (b, d, L), last_state (b, d, N), checkpoints."""
@@ -204,7 +221,8 @@ def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, block, save_checkpoi
         d0 = g * group_size + (task % blocks_per_group) * block
         width = min(block, (g + 1) * group_size - d0)
         dt = np.zeros((chunk, block), dtype=u.dtype)
-        dtu = np.zeros((chunk, block), dtype=u.dtype)
+        ut = np.zeros((chunk, block), dtype=u.dtype)
+        dtu = np.empty((chunk, block), dtype=u.dtype)
         y_block = np.empty((chunk, block), dtype=u.dtype)
         A_block = np.empty((n_state, block), dtype=u.dtype)
         states = np.zeros((chunk + 1, n_state, block), dtype=u.dtype)
@@ -220,15 +238,8 @@ def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, block, save_checkpoi
                 for w in range(width):
                     for n in range(n_state):
                         checkpoints[b, d0 + w, t0 // chunk, n] = states[0, n, w]  # state before step t0
-            _load_block(delta, b, d0, width, t0, steps, dt)
-            _load_block(u, b, d0, width, t0, steps, dtu)
-            for k in range(steps):
-                dtu_k, dt_k = dtu[k], dt[k]
-                for w in range(block):
-                    dtu_k[w] *= dt_k[w]
-            _chunk_inputs(dt, dtu, A_block, Bt, b, g, t0, steps, x, x_in)
-            _exp_chunk(x, decays, k_scratch, scale_scratch, steps)
-            _chunk_states(decays, x_in, steps, states)
+            _chunk_scan(u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays, k_scratch,
+                        scale_scratch, states)
             # y_t = C_t . h_t, accumulated over n into one row of block lanes per step
             y_block[:] = 0
             for k in range(steps):
@@ -268,7 +279,7 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
         n_blocks = max(min(first_block + blocks_per_part, blocks_per_group) - first_block, 0)
         dt = np.zeros((chunk, block), dtype=u.dtype)
         ut = np.zeros((chunk, block), dtype=u.dtype)
-        dtu = np.zeros((chunk, block), dtype=u.dtype)
+        dtu = np.empty((chunk, block), dtype=u.dtype)
         dyt = np.zeros((chunk, block), dtype=u.dtype)
         sum_gB = np.empty((chunk, block), dtype=u.dtype)
         sum_Agah = np.empty((chunk, block), dtype=u.dtype)
@@ -301,22 +312,15 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
                     dt[:] = 0
                     ut[:] = 0
                     dyt[:] = 0
-                _load_block(delta, b, d0, width, t0, steps, dt)
-                _load_block(u, b, d0, width, t0, steps, ut)
                 _load_block(dy, b, d0, width, t0, steps, dyt)
-                for k in range(steps):
-                    dtu_k, dt_k, u_k = dtu[k], dt[k], ut[k]
-                    for w in range(block):
-                        dtu_k[w] = dt_k[w] * u_k[w]
                 _load_A(A, d0, width, A_block)
                 # recompute the chunk's decays and states from its checkpoint
-                _chunk_inputs(dt, dtu, A_block, Bt, b, g, t0, steps, x, x_in)
-                _exp_chunk(x, decays, k_scratch, scale_scratch, steps)
                 states[0] = 0
                 for w in range(width):
                     for n in range(n_state):
                         states[0, n, w] = checkpoints[b, d0 + w, c, n]
-                _chunk_states(decays, x_in, steps, states)
+                _chunk_scan(u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays,
+                            k_scratch, scale_scratch, states)
                 # grads[k] = g_t = adjoint_{t+1} + dy_t C_t, and adjoint_t = a_t g_t (grads reuses x's buffer)
                 grads = x
                 for k in range(steps):
