@@ -12,6 +12,15 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _native_status() -> str:
+    from nnunetv2_hymunet.ssm import scan_native, selective_scan
+
+    error = selective_scan.native_build_error()
+    if error is not None:
+        return f"unavailable ({error})"
+    return f"built with {scan_native.compiler()}, cached in {scan_native.cache_dir()}"
+
+
 def collect_report() -> dict:
     import torch
 
@@ -30,6 +39,7 @@ def collect_report() -> dict:
         "causal-conv1d": _version("causal-conv1d"),
         "mamba_ssm CUDA kernel importable": selective_scan.mamba_ssm_kernel() is not None,
         f"{selective_scan.ENV_VAR}": os.environ.get(selective_scan.ENV_VAR, "auto (unset)"),
+        "native scan kernel (C)": _native_status(),
     }
     for device in ("cpu", "cuda"):
         try:

@@ -3,10 +3,12 @@
 For each (d_inner, L) cell a fresh subprocess warms every method up, then times forward (no_grad) and
 forward+backward in interleaved rounds and reports medians. Peak memory is the RSS high-water mark of one call above
 the RSS before it (malloc_trim, then /proc/self/clear_refs resets VmHWM; tracemalloc does not see torch's
-allocations). Also measures numba's first-call compile time with an empty cache.
+allocations). Also measures the first call (compilation) of native and numba with an empty cache and with the cache.
 
-`indexing_reference` re-does mamba_ssm's selective_scan_ref op sequence (index x[:, :, i] inside the loop), which is
-what CPU users of mamba_ssm get today; its backward is O(L^2), so it only runs where it finishes in reasonable time.
+`native` is the C kernel (compiled on first use, before any timing), `numba` the same algorithm compiled by numba,
+`torch` the chunked pure-PyTorch scan. `indexing_reference` re-does mamba_ssm's selective_scan_ref op sequence
+(index x[:, :, i] inside the loop), which is what CPU users of mamba_ssm get today; its backward is O(L^2), so it
+only runs where it finishes in reasonable time.
 
     python scripts/bench_scan.py                       # full grid, markdown tables on stdout
     python scripts/bench_scan.py --dims 256 --lengths 256 --repeats 3
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 
-METHODS = ("reference", "numba", "torch", "indexing_reference")
+METHODS = ("reference", "native", "numba", "torch", "indexing_reference")
 # indexing_reference: (mode -> largest L it runs at); its fwd+bwd at d=256, L=1024 takes ~45 s
 INDEXING_LIMITS = {"fwd": 1024, "fwdbwd": 256}
 
@@ -46,6 +48,8 @@ def _core(method):
         return lambda u, delta, A, B, C: indexing_reference(u, delta, A, B[:, 0], C[:, 0])
     if method == "reference":
         from nnunetv2_hymunet.ssm.scan_reference import selective_scan_core_reference as core
+    elif method == "native":
+        from nnunetv2_hymunet.ssm.scan_native import selective_scan_core_native as core
     elif method == "numba":
         from nnunetv2_hymunet.ssm.scan_numba import selective_scan_core_numba as core
     else:
@@ -125,15 +129,15 @@ def run_cell(dim, length, methods, repeats, batch=2, n_state=16):
     return result
 
 
-def numba_first_call_seconds():
-    """Import + first fwd+bwd call (float32) in a fresh process with an empty numba cache, then with the cache."""
+def first_call_seconds(method):
+    """Import + first fwd+bwd call (float32) in a fresh process with an empty kernel cache, then with the cache."""
     code = ("import time; t = time.perf_counter(); import sys; sys.argv = ['x']; "
             "from scripts.bench_scan import _inputs, _call, _core; "
-            "_call(_core('numba'), _inputs(2, 64, 300, 16), 'fwdbwd'); print(time.perf_counter() - t)")
+            f"_call(_core({method!r}), _inputs(2, 64, 300, 16), 'fwdbwd'); print(time.perf_counter() - t)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     times = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=root)
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, HYMUNET_CACHE_DIR=cache, PYTHONPATH=root)
         for label in ("cold (empty cache)", "cached"):
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
                                  check=True)
@@ -154,7 +158,7 @@ def print_tables(results, dims, lengths, methods):
         for method in methods:
             cells = [_fmt_cell(results[(d, L)][method].get(mode)) for d, L in cols]
             print(f"| {method} | " + " | ".join(cells) + " |")
-        for fast in ("numba", "torch"):
+        for fast in ("native", "numba", "torch"):
             if fast not in methods:
                 continue
             ratios = []
@@ -190,10 +194,11 @@ def main():
             print(f"done d={d} L={L} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     print(f"load average after: {os.getloadavg()}")
     print_tables(results, args.dims, args.lengths, args.methods)
-    if "numba" in args.methods:
-        first = numba_first_call_seconds()
-        print("\nnumba import + first fwd+bwd call (float32, d=64, L=300): "
-              + ", ".join(f"{k}: {v:.1f} s" for k, v in first.items()))
+    for method in ("native", "numba"):
+        if method in args.methods:
+            first = first_call_seconds(method)
+            print(f"\n{method} import + first fwd+bwd call (float32, d=64, L=300): "
+                  + ", ".join(f"{k}: {v:.1f} s" for k, v in first.items()))
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump({f"{d},{L}": v for (d, L), v in results.items()}, f, indent=1)

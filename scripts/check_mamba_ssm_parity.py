@@ -92,7 +92,7 @@ def compare():
             return [out, last] + [x.grad for x in xs]
 
         theirs = run(selective_scan_ref)
-        for backend in ("reference", "numba", "torch"):
+        for backend in ("reference", "native", "numba", "torch"):
             os.environ[ENV_VAR] = backend
             ours = run(selective_scan_fn)
             errs = {name: rel_err(o, t) for name, o, t in zip(names, ours, theirs)}
@@ -110,7 +110,7 @@ def compare():
     x_theirs = x.clone().requires_grad_()
     out_theirs = theirs(x_theirs)
     out_theirs.square().mean().backward()
-    for backend in ("reference", "numba", "torch"):
+    for backend in ("reference", "native", "numba", "torch"):
         os.environ[ENV_VAR] = backend
         x_ours = x.clone().requires_grad_()
         out_ours = ours(x_ours)

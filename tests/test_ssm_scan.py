@@ -13,10 +13,10 @@ from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.ssm import resolve_backend, selective_scan_fn
 from nnunetv2_hymunet.ssm.selective_scan import ENV_VAR, mamba_ssm_kernel
 
-FAST_CPU_BACKENDS = ["numba", "torch"]
+FAST_CPU_BACKENDS = ["native", "numba", "torch"]
 # (batch, dim, L, N, groups); groups=None means B, C given as (batch, N, L). L=130, 37 and 100 are no multiple of any
-# chunk size (numba checkpoints every 16 steps, the torch scan uses chunks of ceil(sqrt(L))). dim=70 in 2 groups puts
-# a full block of 32 numba lanes and a 3-channel remainder block into each group.
+# chunk size (native and numba checkpoint every 16 steps, the torch scan uses chunks of ceil(sqrt(L))). dim=70 in 2
+# groups puts a full block of 32 lanes and a 3-channel remainder block into each group.
 SHAPES = [(2, 6, 37, 4, None), (1, 4, 1, 3, 2), (2, 6, 130, 5, 3), (3, 5, 64, 16, None), (2, 70, 100, 16, 2)]
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -168,10 +168,12 @@ def test_autocast_runs_recurrence_in_float32(backend, monkeypatch):
 
 def test_auto_backend_and_impossible_requests(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert resolve_backend(torch.device("cpu")) == "numba"  # numba is a project dependency
+    assert resolve_backend(torch.device("cpu")) == "native"  # a C compiler is on every machine the tests run on
     assert resolve_backend(torch.device("cpu"), "torch") == "torch"
     with pytest.raises(HyMUNetError, match="numba runs on CPU tensors only"):
         resolve_backend(torch.device("cuda"), "numba")
+    with pytest.raises(HyMUNetError, match="native runs on CPU tensors only"):
+        resolve_backend(torch.device("cuda"), "native")
     if mamba_ssm_kernel() is None:
         with pytest.raises(HyMUNetError, match="mamba_ssm's CUDA kernel does not import"):
             resolve_backend(torch.device("cpu"), "cuda")
@@ -204,11 +206,14 @@ def test_numba_follows_torch_thread_count(monkeypatch):
         torch.set_num_threads(previous)
 
 
-def test_numba_scan_works_in_forked_worker():
-    """DataLoader workers are forked from a process that may already have run the numba kernel."""
+@pytest.mark.parametrize("backend", ["native", "numba"])
+def test_cpu_kernel_works_in_forked_worker(backend):
+    """DataLoader workers are forked from a process that may already have run the kernel (numba's thread pool, or
+    the native kernel's worker threads, which a forked child does not inherit)."""
     script = textwrap.dedent("""
-        import multiprocessing as mp, os, torch
-        os.environ["HYMUNET_SCAN_BACKEND"] = "numba"
+        import multiprocessing as mp, os, sys, torch
+        os.environ["HYMUNET_SCAN_BACKEND"] = sys.argv[1]
+        torch.set_num_threads(2)
         from nnunetv2_hymunet.ssm import selective_scan_fn
 
         def scan():
@@ -234,5 +239,60 @@ def test_numba_scan_works_in_forked_worker():
     """)
     env = dict(os.environ)
     env.pop(ENV_VAR, None)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-c", script, backend], capture_output=True, text=True, timeout=300,
+                            env=env)
     assert result.returncode == 0 and "fork ok" in result.stdout, result.stdout + result.stderr
+
+
+def test_native_kernel_is_deterministic_across_thread_counts(monkeypatch):
+    """Tasks write disjoint outputs and dB / dC are summed per part, so 1 and 2 threads give bit-identical results."""
+    from nnunetv2_hymunet.ssm import scan_native
+
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            inputs = make_inputs(19, 2, 100, 90, 16, 2, torch.float32)
+            results.append(outputs_and_grads("native", inputs, monkeypatch, 19))
+    finally:
+        torch.set_num_threads(previous)
+    assert scan_native._pool is not None  # the 2-thread run used the worker pool
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_native_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
+    from nnunetv2_hymunet.ssm import scan_native
+
+    monkeypatch.setenv("HYMUNET_CACHE_DIR", str(tmp_path / "cache"))
+    first = scan_native._build(torch.float64)
+    mtime = first.stat().st_mtime_ns
+    assert scan_native._build(torch.float64) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    source = tmp_path / "scan_native.c"
+    source.write_text(scan_native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(scan_native, "SOURCE", source)
+    assert scan_native._build(torch.float64) != first
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no temporary files left
+
+
+@pytest.mark.parametrize("cc", ["no-such-compiler", "false"])
+def test_native_without_a_working_compiler_falls_back_to_numba(cc, tmp_path):
+    script = textwrap.dedent("""
+        import torch
+        from nnunetv2_hymunet.errors import HyMUNetError
+        from nnunetv2_hymunet.ssm import resolve_backend
+        assert resolve_backend(torch.device("cpu")) == "numba", resolve_backend(torch.device("cpu"))
+        try:
+            resolve_backend(torch.device("cpu"), "native")
+        except HyMUNetError as e:
+            print(e)
+    """)
+    env = dict(os.environ, CC=cc, HYMUNET_CACHE_DIR=str(tmp_path))
+    env.pop(ENV_VAR, None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = "no C compiler found" if cc == "no-such-compiler" else "failed to compile scan_native.c"
+    assert f"{ENV_VAR}=native but the C kernel cannot be built here" in result.stdout
+    assert expected in result.stdout, result.stdout
+    assert not list(tmp_path.glob("*.so")), "a failed build must not leave a library behind"

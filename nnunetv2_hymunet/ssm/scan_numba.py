@@ -168,9 +168,10 @@ def _chunk_inputs(dt, dtu, A_block, Bt, b, g, t0, steps, x, x_in):
 def _chunk_states(decays, x_in, steps, states):
     """states[k + 1] = decays[k] * states[k] + x_in[k] for k < steps, elementwise on flat (N * block) planes."""
     for k in range(steps):
-        a, x, h, h_next = decays[k].ravel(), x_in[k].ravel(), states[k].ravel(), states[k + 1].ravel()
-        for i in range(h.shape[0]):
-            h_next[i] = a[i] * h[i] + x[i]
+        for n in range(states.shape[1]):
+            a, x, h, h_next = decays[k, n], x_in[k, n], states[k, n], states[k + 1, n]
+            for w in range(h.shape[0]):
+                h_next[w] = a[w] * h[w] + x[w]
 
 
 def _exp_block_any(x, out, k_scratch, scale_scratch):
@@ -330,13 +331,13 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
                         g_kn = grads[k, n]
                         for w in range(block):
                             g_kn[w] = dy_k[w] * cn
-                adj = adjoint[j].ravel()
                 for k in range(steps - 1, -1, -1):
-                    g_k, a_k = grads[k].ravel(), decays[k].ravel()
-                    for i in range(adj.shape[0]):
-                        gi = adj[i] + g_k[i]
-                        g_k[i] = gi
-                        adj[i] = a_k[i] * gi
+                    for n in range(n_state):
+                        adj, g_kn, a_kn = adjoint[j, n], grads[k, n], decays[k, n]
+                        for w in range(block):
+                            gi = adj[w] + g_kn[w]
+                            g_kn[w] = gi
+                            adj[w] = a_kn[w] * gi
                 # dC_t += dy_t h_t ; dB_t += g_t dt_t u_t (summed over the lanes at the end of the chunk)
                 for k in range(steps):
                     dy_k, dtu_k = dyt[k], dtu[k]

@@ -1,11 +1,13 @@
 """`selective_scan_fn`: mamba_ssm's signature and semantics, dispatched to the best backend for the tensors.
 
-Backends (environment variable HYMUNET_SCAN_BACKEND=auto|cuda|numba|torch|reference, default auto):
+Backends (environment variable HYMUNET_SCAN_BACKEND=auto|cuda|native|numba|torch|reference, default auto):
 - cuda: mamba_ssm's fused CUDA kernel; needs mamba_ssm's compiled extension and CUDA tensors.
-- numba: a fused CPU kernel that keeps the state in registers (CPU tensors).
+- native: the fused CPU kernel in C, compiled on first use with the system C compiler (CPU tensors).
+- numba: the same algorithm compiled by numba, for machines without a working C compiler (CPU tensors).
 - torch: a chunked pure-PyTorch scan (any device).
 - reference: the plain sequential loop (tests and benchmarks).
-auto picks cuda for CUDA tensors when mamba_ssm imports, numba for CPU tensors when numba imports, torch otherwise.
+auto picks cuda for CUDA tensors when mamba_ssm imports; for CPU tensors native when it builds, else numba when numba
+imports, else torch.
 Asking for a backend that cannot run on the given tensors raises instead of silently falling back.
 """
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from nnunetv2_hymunet.errors import HyMUNetError
 
-BACKENDS = ("auto", "cuda", "numba", "torch", "reference")
+BACKENDS = ("auto", "cuda", "native", "numba", "torch", "reference")
 ENV_VAR = "HYMUNET_SCAN_BACKEND"
 
 
@@ -40,6 +42,14 @@ def numba_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def native_build_error():
+    """None when the C kernel builds (or is already cached) and loads here, else why not."""
+    from nnunetv2_hymunet.ssm import scan_native
+
+    return scan_native.build_error()
+
+
 def requested_backend() -> str:
     name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if name not in BACKENDS:
@@ -54,6 +64,8 @@ def resolve_backend(device: torch.device, requested: str = None) -> str:
     if requested == "auto":
         if device.type == "cuda" and mamba_ssm_kernel() is not None:
             return "cuda"
+        if device.type == "cpu" and native_build_error() is None:
+            return "native"
         if device.type == "cpu" and numba_available():
             return "numba"
         return "torch"
@@ -63,6 +75,11 @@ def resolve_backend(device: torch.device, requested: str = None) -> str:
                                "(install the [cuda] extra on a machine with CUDA)")
         if device.type != "cuda":
             raise HyMUNetError(f"{ENV_VAR}=cuda but the tensors are on {device}, not on a CUDA device")
+    if requested == "native":
+        if device.type != "cpu":
+            raise HyMUNetError(f"{ENV_VAR}=native runs on CPU tensors only, got tensors on {device}")
+        if native_build_error() is not None:
+            raise HyMUNetError(f"{ENV_VAR}=native but the C kernel cannot be built here: {native_build_error()}")
     if requested == "numba":
         if device.type != "cpu":
             raise HyMUNetError(f"{ENV_VAR}=numba runs on CPU tensors only, got tensors on {device}")
@@ -74,6 +91,8 @@ def resolve_backend(device: torch.device, requested: str = None) -> str:
 def _core_for(backend: str):
     if backend == "reference":
         from nnunetv2_hymunet.ssm.scan_reference import selective_scan_core_reference as core
+    elif backend == "native":
+        from nnunetv2_hymunet.ssm.scan_native import selective_scan_core_native as core
     elif backend == "numba":
         from nnunetv2_hymunet.ssm.scan_numba import selective_scan_core_numba as core
     else:

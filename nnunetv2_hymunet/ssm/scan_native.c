@@ -1,0 +1,282 @@
+/* Fused CPU selective scan, compiled on first use by scan_native.py (once per scalar type: -DSCAN_DOUBLE selects
+ * double, float otherwise).
+ *
+ * Same algorithm as scan_numba.py: channels are scanned in blocks of BLOCK lanes that share B and C, so a block's state
+ * is an (N, BLOCK) plane and every inner loop runs over contiguous lanes. C lets the compiler see that the scratch
+ * planes do not alias (restrict), so each step is one fused loop (decay, state update and output together), where
+ * numba needs one pass per array it writes.
+ *
+ * Forward: a task is one (batch, group, block); only y, the last state and one checkpoint per CHUNK steps are written.
+ * Backward: a task is one (batch, group, part of the group's blocks); chunks are visited in reverse, a chunk's decays
+ * and states are recomputed from its checkpoint and the adjoint is swept back through them. dB and dC (sums over the
+ * group's channels) are accumulated per part in (CHUNK, N, BLOCK) planes, summed over the lanes once per chunk into
+ * the part's own (L, N) buffer, and the parts are summed by the caller: race-free and deterministic.
+ * The caller splits the tasks into ranges and runs them on its own threads.
+ *
+ * Every step multiplies by exp(delta * A) directly (no exp(-cumsum) closed form), so any delta / A is stable.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32 /* lanes: 4 AVX2 float vectors */
+#define CHUNK 16 /* steps between checkpoints */
+
+#ifdef SCAN_DOUBLE
+typedef double scalar;
+typedef int64_t bits_t;
+/* x = k ln2 + r, |r| <= ln2/2; degree-12 Taylor polynomial (truncation < 2e-16); 2^k built in the exponent bits.
+ * x is clamped to [-708, 710]: below exp(-708) the result is exp(-708) (~3e-308); from ~709.4 on k reaches 1024,
+ * whose exponent bits are inf. The clamps are written as max / min (one instruction each); NaN is restored after. */
+static inline scalar scan_exp(scalar x) {
+  scalar xi = x > -708.0 ? x : -708.0;
+  xi = xi < 710.0 ? xi : 710.0;
+  scalar k = (xi * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+  scalar r = (xi - k * 0.6931471803691238) - k * 1.9082149292705877e-10;
+  scalar p = 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  bits_t bits = ((bits_t)k + 1023) << 52;
+  scalar scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return x == x ? p * scale : x;
+}
+#else
+typedef float scalar;
+typedef int32_t bits_t;
+/* Degree-7 polynomial (truncation < 1e-8 on |r| <= ln2/2, below float rounding). x is clamped to [-87, 89]: below
+ * exp(-87) the result is exp(-87) (~1.6e-38); from ~88.38 on k reaches 128, whose exponent bits are inf. */
+static inline scalar scan_exp(scalar x) {
+  scalar xi = x > -87.0f ? x : -87.0f;
+  xi = xi < 89.0f ? xi : 89.0f;
+  scalar k = (xi * 1.44269504f + 12582912.0f) - 12582912.0f;
+  scalar r = (xi - k * 0.693359375f) - k * -2.12194440e-4f;
+  scalar p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  bits_t bits = ((bits_t)k + 127) << 23;
+  scalar scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return x == x ? p * scale : x;
+}
+#endif
+
+/* out[k][w] = src[row0 + w][t0 + k] for w < width; lanes >= width are zero. src rows have `length` steps.
+ * Each row is a separate stream that the hardware prefetchers do not follow, so the segment this task reads next
+ * (t0 + next_offset, one chunk later or earlier) is prefetched now. */
+static void load_block(const scalar *restrict src, int64_t row0, int64_t width, int64_t length, int64_t t0,
+                       int64_t steps, int64_t next_offset, scalar *restrict out) {
+  memset(out, 0, sizeof(scalar) * CHUNK * BLOCK);
+  const int prefetch = t0 + next_offset >= 0 && t0 + next_offset < length;
+  for (int64_t w = 0; w < width; w++) {
+    const scalar *row = src + (row0 + w) * length + t0;
+    if (prefetch) __builtin_prefetch(row + next_offset);
+    for (int64_t k = 0; k < steps; k++) out[k * BLOCK + w] = row[k];
+  }
+}
+
+static void store_block(const scalar *restrict values, int64_t row0, int64_t width, int64_t length, int64_t t0,
+                        int64_t steps, scalar *restrict dst) {
+  for (int64_t w = 0; w < width; w++) {
+    scalar *row = dst + (row0 + w) * length + t0;
+    for (int64_t k = 0; k < steps; k++) row[k] = values[k * BLOCK + w];
+  }
+}
+
+/* out[n][w] = A[d0 + w][n]; lanes >= width get 0 (decay 1, which keeps their zero state zero). */
+static void load_A(const scalar *restrict A, int64_t d0, int64_t width, int64_t n_state, scalar *restrict out) {
+  memset(out, 0, sizeof(scalar) * n_state * BLOCK);
+  for (int64_t w = 0; w < width; w++)
+    for (int64_t n = 0; n < n_state; n++) out[n * BLOCK + w] = A[(d0 + w) * n_state + n];
+}
+
+/* u, delta, y: (batch, dim, length); A: (dim, N); Bt, Ct: (batch, groups, length, N); last_state: (batch, dim, N);
+ * checkpoints: (batch, groups, blocks_per_group, n_chunks, N, BLOCK), written when save_checkpoints.
+ * Runs tasks [task_begin, task_end) of batch * groups * blocks_per_group. Returns 0, or -1 when out of memory. */
+int scan_forward(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
+                 int64_t batch, int64_t dim, int64_t length, int64_t n_state, int64_t groups, int save_checkpoints,
+                 scalar *y, scalar *last_state, scalar *checkpoints, int64_t task_begin, int64_t task_end) {
+  const int64_t group_size = dim / groups, blocks_per_group = (group_size + BLOCK - 1) / BLOCK;
+  const int64_t n_chunks = (length + CHUNK - 1) / CHUNK, plane = n_state * BLOCK;
+  scalar *buffer = malloc(sizeof(scalar) * (4 * CHUNK * BLOCK + 2 * plane));
+  if (!buffer) return -1;
+  scalar *restrict dt = buffer, *restrict ut = dt + CHUNK * BLOCK, *restrict dtu = ut + CHUNK * BLOCK;
+  scalar *restrict yb = dtu + CHUNK * BLOCK, *restrict Ab = yb + CHUNK * BLOCK, *restrict h = Ab + plane;
+  for (int64_t task = task_begin; task < task_end; task++) {
+    const int64_t b = task / (groups * blocks_per_group), g = (task / blocks_per_group) % groups;
+    const int64_t d0 = g * group_size + (task % blocks_per_group) * BLOCK;
+    const int64_t width = (g + 1) * group_size - d0 < BLOCK ? (g + 1) * group_size - d0 : BLOCK;
+    const scalar *Bg = Bt + (b * groups + g) * length * n_state, *Cg = Ct + (b * groups + g) * length * n_state;
+    scalar *ck = checkpoints + task * n_chunks * plane;  /* tasks are numbered like the checkpoint blocks */
+    load_A(A, d0, width, n_state, Ab);
+    memset(h, 0, sizeof(scalar) * plane);
+    for (int64_t c = 0; c < n_chunks; c++) {
+      const int64_t t0 = c * CHUNK, steps = length - t0 < CHUNK ? length - t0 : CHUNK;
+      if (save_checkpoints) memcpy(ck + c * plane, h, sizeof(scalar) * plane);  /* state before step t0 */
+      load_block(delta, b * dim + d0, width, length, t0, steps, CHUNK, dt);
+      load_block(u, b * dim + d0, width, length, t0, steps, CHUNK, ut);
+      for (int64_t i = 0; i < steps * BLOCK; i++) dtu[i] = dt[i] * ut[i];
+      for (int64_t k = 0; k < steps; k++) {
+        const scalar *restrict dt_k = dt + k * BLOCK, *restrict dtu_k = dtu + k * BLOCK;
+        scalar *restrict y_k = yb + k * BLOCK;
+        for (int w = 0; w < BLOCK; w++) y_k[w] = 0;
+        for (int64_t n = 0; n < n_state; n++) {
+          const scalar bn = Bg[(t0 + k) * n_state + n], cn = Cg[(t0 + k) * n_state + n];
+          const scalar *restrict A_n = Ab + n * BLOCK;
+          scalar *restrict h_n = h + n * BLOCK;
+          #pragma omp simd
+          for (int w = 0; w < BLOCK; w++) {
+            const scalar hv = scan_exp(dt_k[w] * A_n[w]) * h_n[w] + dtu_k[w] * bn;
+            h_n[w] = hv;
+            y_k[w] += hv * cn;
+          }
+        }
+      }
+      store_block(yb, b * dim + d0, width, length, t0, steps, y);
+    }
+    for (int64_t w = 0; w < width; w++)
+      for (int64_t n = 0; n < n_state; n++) last_state[(b * dim + d0 + w) * n_state + n] = h[n * BLOCK + w];
+  }
+  free(buffer);
+  return 0;
+}
+
+/* Adjoint sweep. dy: (batch, dim, length); dlast: (batch, dim, N); checkpoints from scan_forward; du, ddelta:
+ * (batch, dim, length); dA_per_batch: (batch, dim, N); dB_parts, dC_parts: (batch, groups, parts_per_group, length, N).
+ * Runs tasks [task_begin, task_end) of batch * groups * parts_per_group. Returns 0, or -1 when out of memory. */
+int scan_backward(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
+                  const scalar *dy, const scalar *dlast, const scalar *checkpoints, int64_t batch, int64_t dim,
+                  int64_t length, int64_t n_state, int64_t groups, int64_t parts_per_group, scalar *du,
+                  scalar *ddelta, scalar *dA_per_batch, scalar *dB_parts, scalar *dC_parts, int64_t task_begin,
+                  int64_t task_end) {
+  const int64_t group_size = dim / groups, blocks_per_group = (group_size + BLOCK - 1) / BLOCK;
+  const int64_t blocks_per_part = (blocks_per_group + parts_per_group - 1) / parts_per_group;
+  const int64_t n_chunks = (length + CHUNK - 1) / CHUNK, plane = n_state * BLOCK;
+  const int64_t row = CHUNK * BLOCK;
+  scalar *buffer = malloc(sizeof(scalar) * (6 * row + plane + (CHUNK + 1) * plane + 3 * CHUNK * plane +
+                                            2 * blocks_per_part * plane));
+  if (!buffer) return -1;
+  scalar *restrict dt = buffer, *restrict ut = dt + row, *restrict dtu = ut + row, *restrict dyt = dtu + row;
+  scalar *restrict sum_Agah = dyt + row, *restrict sum_gB = sum_Agah + row, *restrict Ab = sum_gB + row;
+  scalar *restrict states = Ab + plane, *restrict decays = states + (CHUNK + 1) * plane;
+  scalar *restrict dB_acc = decays + CHUNK * plane, *restrict dC_acc = dB_acc + CHUNK * plane;
+  scalar *restrict adjoint = dC_acc + CHUNK * plane, *restrict grad_A = adjoint + blocks_per_part * plane;
+  for (int64_t task = task_begin; task < task_end; task++) {
+    const int64_t b = task / (groups * parts_per_group), g = (task / parts_per_group) % groups;
+    const int64_t part = task % parts_per_group, first_block = part * blocks_per_part;
+    int64_t n_blocks = blocks_per_group - first_block < blocks_per_part ? blocks_per_group - first_block
+                                                                          : blocks_per_part;
+    if (n_blocks < 0) n_blocks = 0;
+    const scalar *Bg = Bt + (b * groups + g) * length * n_state, *Cg = Ct + (b * groups + g) * length * n_state;
+    scalar *dB_out = dB_parts + ((b * groups + g) * parts_per_group + part) * length * n_state;
+    scalar *dC_out = dC_parts + ((b * groups + g) * parts_per_group + part) * length * n_state;
+    /* adjoint carried into a chunk from the future (a_{t+1} g_{t+1}, dlast at the end), one plane per block */
+    memset(adjoint, 0, sizeof(scalar) * 2 * blocks_per_part * plane);  /* and grad_A */
+    for (int64_t j = 0; j < n_blocks; j++) {
+      const int64_t d0 = g * group_size + (first_block + j) * BLOCK;
+      const int64_t width = (g + 1) * group_size - d0 < BLOCK ? (g + 1) * group_size - d0 : BLOCK;
+      for (int64_t w = 0; w < width; w++)
+        for (int64_t n = 0; n < n_state; n++)
+          adjoint[j * plane + n * BLOCK + w] = dlast[(b * dim + d0 + w) * n_state + n];
+    }
+    for (int64_t c = n_chunks - 1; c >= 0; c--) {
+      const int64_t t0 = c * CHUNK, steps = length - t0 < CHUNK ? length - t0 : CHUNK;
+      memset(dB_acc, 0, sizeof(scalar) * 2 * CHUNK * plane);  /* and dC_acc */
+      for (int64_t j = 0; j < n_blocks; j++) {
+        const int64_t blk = first_block + j, d0 = g * group_size + blk * BLOCK;
+        const int64_t width = (g + 1) * group_size - d0 < BLOCK ? (g + 1) * group_size - d0 : BLOCK;
+        const scalar *ck = checkpoints + ((b * groups + g) * blocks_per_group + blk) * n_chunks * plane;
+        scalar *restrict adj_j = adjoint + j * plane, *restrict gA_j = grad_A + j * plane;
+        load_block(delta, b * dim + d0, width, length, t0, steps, -CHUNK, dt);
+        load_block(u, b * dim + d0, width, length, t0, steps, -CHUNK, ut);
+        load_block(dy, b * dim + d0, width, length, t0, steps, -CHUNK, dyt);
+        load_A(A, d0, width, n_state, Ab);
+        for (int64_t i = 0; i < steps * BLOCK; i++) dtu[i] = dt[i] * ut[i];
+        /* recompute the chunk's decays and states from its checkpoint */
+        memcpy(states, ck + c * plane, sizeof(scalar) * plane);
+        for (int64_t k = 0; k < steps; k++) {
+          const scalar *restrict dt_k = dt + k * BLOCK, *restrict dtu_k = dtu + k * BLOCK;
+          for (int64_t n = 0; n < n_state; n++) {
+            const scalar bn = Bg[(t0 + k) * n_state + n];
+            const scalar *restrict A_n = Ab + n * BLOCK, *restrict h_prev = states + k * plane + n * BLOCK;
+            scalar *restrict a_kn = decays + k * plane + n * BLOCK, *restrict h_kn = states + (k + 1) * plane + n * BLOCK;
+            #pragma omp simd
+            for (int w = 0; w < BLOCK; w++) {
+              const scalar a = scan_exp(dt_k[w] * A_n[w]);
+              a_kn[w] = a;
+              h_kn[w] = a * h_prev[w] + dtu_k[w] * bn;
+            }
+          }
+        }
+        /* g_t = adjoint_{t+1} + dy_t C_t; adjoint_t = a_t g_t; gah_t = g_t a_t h_{t-1} feeds dA and ddelta */
+        for (int64_t k = steps - 1; k >= 0; k--) {
+          const scalar *restrict dy_k = dyt + k * BLOCK, *restrict dt_k = dt + k * BLOCK, *restrict dtu_k = dtu + k * BLOCK;
+          scalar *restrict sA_k = sum_Agah + k * BLOCK, *restrict sgB_k = sum_gB + k * BLOCK;
+          for (int w = 0; w < BLOCK; w++) sA_k[w] = sgB_k[w] = 0;
+          for (int64_t n = 0; n < n_state; n++) {
+            const scalar bn = Bg[(t0 + k) * n_state + n], cn = Cg[(t0 + k) * n_state + n];
+            const scalar *restrict a_kn = decays + k * plane + n * BLOCK, *restrict A_n = Ab + n * BLOCK;
+            const scalar *restrict h_kn = states + (k + 1) * plane + n * BLOCK, *restrict h_prev = states + k * plane + n * BLOCK;
+            scalar *restrict adj = adj_j + n * BLOCK, *restrict gA_n = gA_j + n * BLOCK;
+            scalar *restrict dB_kn = dB_acc + k * plane + n * BLOCK, *restrict dC_kn = dC_acc + k * plane + n * BLOCK;
+            #pragma omp simd
+            for (int w = 0; w < BLOCK; w++) {
+              const scalar gi = adj[w] + dy_k[w] * cn;
+              const scalar ag = a_kn[w] * gi;
+              const scalar gah = ag * h_prev[w];
+              adj[w] = ag;
+              sA_k[w] += A_n[w] * gah;
+              gA_n[w] += dt_k[w] * gah;
+              sgB_k[w] += gi * bn;
+              dB_kn[w] += gi * dtu_k[w];
+              dC_kn[w] += dy_k[w] * h_kn[w];
+            }
+          }
+        }
+        /* du = dt sum_n g B ; ddelta = sum_n A g a h_{t-1} + u sum_n g B (reusing the input rows) */
+        for (int64_t i = 0; i < steps * BLOCK; i++) {
+          const scalar s = sum_gB[i];
+          sum_Agah[i] += ut[i] * s;
+          sum_gB[i] = dt[i] * s;
+        }
+        store_block(sum_gB, b * dim + d0, width, length, t0, steps, du);
+        store_block(sum_Agah, b * dim + d0, width, length, t0, steps, ddelta);
+      }
+      for (int64_t k = 0; k < steps; k++)
+        for (int64_t n = 0; n < n_state; n++) {
+          const scalar *dB_kn = dB_acc + k * plane + n * BLOCK, *dC_kn = dC_acc + k * plane + n * BLOCK;
+          scalar sb = dB_kn[0], sc = dC_kn[0];
+          for (int w = 1; w < BLOCK; w++) {
+            sb += dB_kn[w];
+            sc += dC_kn[w];
+          }
+          dB_out[(t0 + k) * n_state + n] = sb;
+          dC_out[(t0 + k) * n_state + n] = sc;
+        }
+    }
+    for (int64_t j = 0; j < n_blocks; j++) {
+      const int64_t d0 = g * group_size + (first_block + j) * BLOCK;
+      const int64_t width = (g + 1) * group_size - d0 < BLOCK ? (g + 1) * group_size - d0 : BLOCK;
+      for (int64_t w = 0; w < width; w++)
+        for (int64_t n = 0; n < n_state; n++)
+          dA_per_batch[(b * dim + d0 + w) * n_state + n] = grad_A[j * plane + n * BLOCK + w];
+    }
+  }
+  free(buffer);
+  return 0;
+}

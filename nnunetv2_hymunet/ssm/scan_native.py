@@ -1,0 +1,217 @@
+"""Fused CPU selective scan in C (`scan_native.c`), compiled on first use with the system C compiler.
+
+The library is built once per scalar type with `-O3 -march=native` and cached under
+$HYMUNET_CACHE_DIR (default: $XDG_CACHE_HOME/nnunetv2_hymunet or ~/.cache/nnunetv2_hymunet), keyed by the source, the
+compiler, the flags and the CPU, so a home directory shared by different machines gets one build per CPU. The compiler
+is $CC, else the first of cc, gcc, clang on PATH. Where none works, `build_error()` says why and the dispatcher uses
+the numba kernel instead.
+
+The kernels take a range of tasks; ranges are run on a small thread pool (ctypes releases the GIL during the call),
+sized by torch's intra-op thread setting, which users and nnU-Net already tune.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("scan_native.c")
+BLOCK = 32  # must match scan_native.c
+CHUNK = 16
+# -ffp-contract=fast: fused multiply-adds (as numba's "contract"); -fno-trapping-math lets the compiler turn the exp
+# clamps into vector selects; -fopenmp-simd honours `#pragma omp simd` (vectorise the fused lane loops without alias
+# checks) and needs no OpenMP runtime.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd", "-std=c99", "-shared",
+         "-fPIC")
+_TYPES = {torch.float32: ("float", []), torch.float64: ("double", ["-DSCAN_DOUBLE"])}
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    if os.environ.get("HYMUNET_CACHE_DIR"):
+        return Path(os.environ["HYMUNET_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nnunetv2_hymunet"
+
+
+def compiler() -> str:
+    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise NativeBuildError(f"no C compiler found (tried {', '.join(candidates)}; set CC to choose one)")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and feature flags (Linux), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _build(dtype: torch.dtype) -> Path:
+    cc = compiler()
+    type_name, defines = _TYPES[dtype]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS + tuple(defines)),
+                                    _cpu_identity()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"scan_native_{type_name}_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename, so concurrent first uses never load a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *FLAGS, *defines, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise NativeBuildError(f"{cc} failed to compile {SOURCE.name}:\n{result.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+@functools.lru_cache(maxsize=None)
+def _library(dtype: torch.dtype):
+    """The loaded library for dtype, or the NativeBuildError that prevented it (cached either way)."""
+    try:
+        lib = ctypes.CDLL(str(_build(dtype)))
+    except (NativeBuildError, OSError) as error:
+        return error if isinstance(error, NativeBuildError) else NativeBuildError(str(error))
+    lib.scan_forward.restype = ctypes.c_int
+    lib.scan_forward.argtypes = [_ptr] * 5 + [_i64] * 5 + [ctypes.c_int] + [_ptr] * 3 + [_i64] * 2
+    lib.scan_backward.restype = ctypes.c_int
+    lib.scan_backward.argtypes = [_ptr] * 8 + [_i64] * 6 + [_ptr] * 5 + [_i64] * 2
+    return lib
+
+
+def build_error():
+    """None when the float32 and float64 kernels build and load here, else the reason (a string)."""
+    for dtype in _TYPES:
+        lib = _library(dtype)
+        if isinstance(lib, NativeBuildError):
+            return str(lib)
+    return None
+
+
+def available() -> bool:
+    return build_error() is None
+
+
+def _kernels(dtype: torch.dtype):
+    lib = _library(dtype)
+    if isinstance(lib, NativeBuildError):
+        raise lib
+    return lib
+
+
+# A pool of worker threads, rebuilt after fork() (a forked child has the pool object but not its threads).
+_pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+def _reset_pool_after_fork():
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _run_ranges(function, args, n_tasks: int):
+    """Runs function(*args, begin, end) over [0, n_tasks) split into one contiguous range per thread."""
+    global _pool, _pool_size
+    threads = max(1, min(torch.get_num_threads(), n_tasks))
+    bounds = [n_tasks * i // threads for i in range(threads + 1)]
+    ranges = [(bounds[i], bounds[i + 1]) for i in range(threads)]
+    if threads == 1:
+        codes = [function(*args, 0, n_tasks)]
+    else:
+        with _pool_lock:
+            if _pool is None or _pool_size < threads - 1:
+                if _pool is not None:
+                    _pool.shutdown(wait=False)
+                _pool, _pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="hymunet-scan"), threads - 1
+            pool = _pool
+        futures = [pool.submit(function, *args, begin, end) for begin, end in ranges[1:]]
+        codes = [function(*args, *ranges[0])] + [future.result() for future in futures]
+    if any(code != 0 for code in codes):
+        raise MemoryError("the native selective scan could not allocate its scratch buffers")
+
+
+def _p(x: torch.Tensor) -> int:
+    return x.data_ptr()
+
+
+class _NativeSelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        batch, dim, length = u.shape
+        groups, n_state = B.shape[1], A.shape[1]
+        blocks_per_group = -(-(dim // groups) // BLOCK)
+        Bt = B.detach().transpose(-1, -2).contiguous()  # (b, G, L, N): the N values of one step are contiguous
+        Ct = C.detach().transpose(-1, -2).contiguous()
+        u, delta, A = u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous()
+        save = any(ctx.needs_input_grad)
+        n_chunks = -(-length // CHUNK)
+        y = u.new_empty(batch, dim, length)
+        last_state = u.new_empty(batch, dim, n_state)
+        checkpoints = u.new_empty(batch, groups, blocks_per_group, n_chunks, n_state, BLOCK) if save else u.new_empty(0)
+        lib = _kernels(u.dtype)
+        _run_ranges(lib.scan_forward, (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), batch, dim, length, n_state, groups,
+                                       int(save), _p(y), _p(last_state), _p(checkpoints)),
+                    batch * groups * blocks_per_group)
+        if save:
+            ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
+        return y, last_state
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
+        batch, dim, length = u.shape
+        groups, n_state = Bt.shape[1], A.shape[1]
+        blocks_per_group = -(-(dim // groups) // BLOCK)
+        # enough parts per group to keep every thread busy; each part costs one (L, N) partial buffer for dB and dC
+        parts = min(blocks_per_group, max(1, -(-2 * torch.get_num_threads() // (batch * groups))))
+        dy, dlast = dy.contiguous(), dlast.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dA_per_batch = u.new_empty(batch, dim, n_state)
+        dB_parts = u.new_empty(batch, groups, parts, length, n_state)
+        dC_parts = u.new_empty(batch, groups, parts, length, n_state)
+        lib = _kernels(u.dtype)
+        _run_ranges(lib.scan_backward, (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), _p(dy), _p(dlast), _p(checkpoints),
+                                        batch, dim, length, n_state, groups, parts, _p(du), _p(ddelta),
+                                        _p(dA_per_batch), _p(dB_parts), _p(dC_parts)),
+                    batch * groups * parts)
+        dB = dB_parts.sum(2) if parts > 1 else dB_parts[:, :, 0]
+        dC = dC_parts.sum(2) if parts > 1 else dC_parts[:, :, 0]
+        return du, ddelta, dA_per_batch.sum(0), dB.transpose(-1, -2), dC.transpose(-1, -2)
+
+
+def selective_scan_core_native(u, delta, A, B, C):
+    """Same contract as `scan_reference.selective_scan_core_reference` (CPU tensors, float32 or float64)."""
+    if u.device.type != "cpu":
+        raise ValueError(f"the native scan runs on CPU tensors, got {u.device}")
+    if u.dtype not in _TYPES:
+        raise ValueError(f"the native scan computes in float32 or float64, got {u.dtype}")
+    return _NativeSelectiveScan.apply(u, delta, A, B, C)
