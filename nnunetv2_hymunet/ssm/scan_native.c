@@ -108,7 +108,7 @@ static void load_A(const scalar *restrict A, int64_t d0, int64_t width, int64_t 
 /* u, delta, y: (batch, dim, length); A: (dim, N); Bt, Ct: (batch, groups, length, N); last_state: (batch, dim, N);
  * checkpoints: (batch, groups, blocks_per_group, n_chunks, N, BLOCK), written when save_checkpoints.
  * Runs tasks [task_begin, task_end) of batch * groups * blocks_per_group. Returns 0, or -1 when out of memory. */
-int scan_forward(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
+static int scan_forward_tasks(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
                  int64_t batch, int64_t dim, int64_t length, int64_t n_state, int64_t groups, int save_checkpoints,
                  scalar *y, scalar *last_state, scalar *checkpoints, int64_t task_begin, int64_t task_end) {
   const int64_t group_size = dim / groups, blocks_per_group = (group_size + BLOCK - 1) / BLOCK;
@@ -159,7 +159,7 @@ int scan_forward(const scalar *u, const scalar *delta, const scalar *A, const sc
 /* Adjoint sweep. dy: (batch, dim, length); dlast: (batch, dim, N); checkpoints from scan_forward; du, ddelta:
  * (batch, dim, length); dA_per_batch: (batch, dim, N); dB_parts, dC_parts: (batch, groups, parts_per_group, length, N).
  * Runs tasks [task_begin, task_end) of batch * groups * parts_per_group. Returns 0, or -1 when out of memory. */
-int scan_backward(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
+static int scan_backward_tasks(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
                   const scalar *dy, const scalar *dlast, const scalar *checkpoints, int64_t batch, int64_t dim,
                   int64_t length, int64_t n_state, int64_t groups, int64_t parts_per_group, scalar *du,
                   scalar *ddelta, scalar *dA_per_batch, scalar *dB_parts, scalar *dC_parts, int64_t task_begin,
@@ -279,4 +279,55 @@ int scan_backward(const scalar *u, const scalar *delta, const scalar *A, const s
   }
   free(buffer);
   return 0;
+}
+
+/* Entry points: the tasks [0, n_tasks) split into one contiguous range per thread. Built with OpenMP, the ranges run
+ * in OpenMP's thread pool, which is torch's own when torch uses GNU OpenMP (the library is found by its soname), so
+ * torch's workers, still spinning after its last parallel op, pick the work up instead of competing with extra
+ * threads for the cores. Without OpenMP the caller passes one range per call and runs the calls on its own threads. */
+int scan_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int scan_forward(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
+                 int64_t batch, int64_t dim, int64_t length, int64_t n_state, int64_t groups, int save_checkpoints,
+                 scalar *y, scalar *last_state, scalar *checkpoints, int64_t task_begin, int64_t task_end,
+                 int threads) {
+  /* one thread: no parallel region at all (an OpenMP pool inherited through fork() must not be touched) */
+  if (threads <= 1) return scan_forward_tasks(u, delta, A, Bt, Ct, batch, dim, length, n_state, groups, save_checkpoints, y,
+                              last_state, checkpoints, task_begin, task_end);
+  int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
+#endif
+  for (int i = 0; i < threads; i++) {
+    const int64_t n = task_end - task_begin, begin = task_begin + n * i / threads, end = task_begin + n * (i + 1) / threads;
+    failed |= scan_forward_tasks(u, delta, A, Bt, Ct, batch, dim, length, n_state, groups, save_checkpoints, y,
+                                 last_state, checkpoints, begin, end) != 0;
+  }
+  return failed ? -1 : 0;
+}
+
+int scan_backward(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
+                  const scalar *dy, const scalar *dlast, const scalar *checkpoints, int64_t batch, int64_t dim,
+                  int64_t length, int64_t n_state, int64_t groups, int64_t parts_per_group, scalar *du,
+                  scalar *ddelta, scalar *dA_per_batch, scalar *dB_parts, scalar *dC_parts, int64_t task_begin,
+                  int64_t task_end, int threads) {
+  /* one thread: no parallel region at all (an OpenMP pool inherited through fork() must not be touched) */
+  if (threads <= 1) return scan_backward_tasks(u, delta, A, Bt, Ct, dy, dlast, checkpoints, batch, dim, length, n_state, groups,
+                               parts_per_group, du, ddelta, dA_per_batch, dB_parts, dC_parts, task_begin, task_end);
+  int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
+#endif
+  for (int i = 0; i < threads; i++) {
+    const int64_t n = task_end - task_begin, begin = task_begin + n * i / threads, end = task_begin + n * (i + 1) / threads;
+    failed |= scan_backward_tasks(u, delta, A, Bt, Ct, dy, dlast, checkpoints, batch, dim, length, n_state, groups,
+                                  parts_per_group, du, ddelta, dA_per_batch, dB_parts, dC_parts, begin, end) != 0;
+  }
+  return failed ? -1 : 0;
 }

@@ -6,8 +6,9 @@ compiler, the flags and the CPU, so a home directory shared by different machine
 is $CC, else the first of cc, gcc, clang on PATH. Where none works, `build_error()` says why and the dispatcher uses
 the numba kernel instead.
 
-The kernels take a range of tasks; ranges are run on a small thread pool (ctypes releases the GIL during the call),
-sized by torch's intra-op thread setting, which users and nnU-Net already tune.
+Threads follow torch's intra-op setting (which users and nnU-Net already tune). Built with OpenMP, the library splits
+the tasks over OpenMP's pool, which is torch's own; without OpenMP the task ranges run on a small Python thread pool
+(ctypes releases the GIL during the call).
 """
 
 import ctypes
@@ -29,9 +30,11 @@ BLOCK = 32  # must match scan_native.c
 CHUNK = 16
 # -ffp-contract=fast: fused multiply-adds (as numba's "contract"); -fno-trapping-math lets the compiler turn the exp
 # clamps into vector selects; -fopenmp-simd honours `#pragma omp simd` (vectorise the fused lane loops without alias
-# checks) and needs no OpenMP runtime.
+# checks). -fopenmp runs the tasks in OpenMP's thread pool (torch's, see scan_native.c); where the compiler has no
+# OpenMP (Apple clang) the library is built without it and the tasks run on a Python thread pool instead.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd", "-std=c99", "-shared",
          "-fPIC")
+OPENMP_FLAGS = ("-fopenmp",)
 _TYPES = {torch.float32: ("float", []), torch.float64: ("double", ["-DSCAN_DOUBLE"])}
 
 
@@ -69,7 +72,7 @@ def _build(dtype: torch.dtype) -> Path:
     cc = compiler()
     type_name, defines = _TYPES[dtype]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS + tuple(defines)),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS + OPENMP_FLAGS + tuple(defines)),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"scan_native_{type_name}_{key}.so"
     if target.exists():
@@ -79,7 +82,10 @@ def _build(dtype: torch.dtype) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *FLAGS, *defines, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([cc, *FLAGS, *OPENMP_FLAGS, *defines, str(SOURCE), "-o", tmp], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            result = subprocess.run([cc, *FLAGS, *defines, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if result.returncode != 0:
             raise NativeBuildError(f"{cc} failed to compile {SOURCE.name}:\n{result.stderr.strip()}")
         os.replace(tmp, target)
@@ -100,10 +106,15 @@ def _library(dtype: torch.dtype):
     except (NativeBuildError, OSError) as error:
         return error if isinstance(error, NativeBuildError) else NativeBuildError(str(error))
     lib.scan_forward.restype = ctypes.c_int
-    lib.scan_forward.argtypes = [_ptr] * 5 + [_i64] * 5 + [ctypes.c_int] + [_ptr] * 3 + [_i64] * 2
+    lib.scan_forward.argtypes = [_ptr] * 5 + [_i64] * 5 + [ctypes.c_int] + [_ptr] * 3 + [_i64] * 2 + [ctypes.c_int]
     lib.scan_backward.restype = ctypes.c_int
-    lib.scan_backward.argtypes = [_ptr] * 8 + [_i64] * 6 + [_ptr] * 5 + [_i64] * 2
+    lib.scan_backward.argtypes = [_ptr] * 8 + [_i64] * 6 + [_ptr] * 5 + [_i64] * 2 + [ctypes.c_int]
+    lib.scan_openmp.restype = ctypes.c_int
     return lib
+
+
+def uses_openmp() -> bool:
+    return not isinstance(_library(torch.float32), NativeBuildError) and bool(_library(torch.float32).scan_openmp())
 
 
 def build_error():
@@ -126,26 +137,29 @@ def _kernels(dtype: torch.dtype):
     return lib
 
 
-# A pool of worker threads, rebuilt after fork() (a forked child has the pool object but not its threads).
+# A pool of worker threads, rebuilt after fork() (a forked child has the pool object but not its threads). A forked
+# child never enters an OpenMP parallel region: GNU OpenMP's pool does not survive fork() and the child would hang.
 _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+_forked_child = False
 
 
 def _reset_pool_after_fork():
-    global _pool, _pool_size, _pool_lock
-    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+    global _pool, _pool_size, _pool_lock, _forked_child
+    _pool, _pool_size, _pool_lock, _forked_child = None, 0, threading.Lock(), True
 
 
 os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
-def _run_ranges(function, args, n_tasks: int):
-    """Runs function(*args, begin, end) over [0, n_tasks) split into one contiguous range per thread."""
+def _run_ranges(lib, function, args, n_tasks: int):
+    """Runs function(*args, begin, end, threads) over [0, n_tasks) split into one contiguous range per thread: in one
+    call when the library splits the range itself (OpenMP), else one call per range on the pool."""
     global _pool, _pool_size
     threads = max(1, min(torch.get_num_threads(), n_tasks))
     bounds = [n_tasks * i // threads for i in range(threads + 1)]
     ranges = [(bounds[i], bounds[i + 1]) for i in range(threads)]
-    if threads == 1:
-        codes = [function(*args, 0, n_tasks)]
+    if threads == 1 or (lib.scan_openmp() and not _forked_child):
+        codes = [function(*args, 0, n_tasks, threads)]
     else:
         with _pool_lock:
             if _pool is None or _pool_size < threads - 1:
@@ -153,8 +167,8 @@ def _run_ranges(function, args, n_tasks: int):
                     _pool.shutdown(wait=False)
                 _pool, _pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="hymunet-scan"), threads - 1
             pool = _pool
-        futures = [pool.submit(function, *args, begin, end) for begin, end in ranges[1:]]
-        codes = [function(*args, *ranges[0])] + [future.result() for future in futures]
+        futures = [pool.submit(function, *args, begin, end, 1) for begin, end in ranges[1:]]
+        codes = [function(*args, *ranges[0], 1)] + [future.result() for future in futures]
     if any(code != 0 for code in codes):
         raise MemoryError("the native selective scan could not allocate its scratch buffers")
 
@@ -178,9 +192,9 @@ class _NativeSelectiveScan(torch.autograd.Function):
         last_state = u.new_empty(batch, dim, n_state)
         checkpoints = u.new_empty(batch, groups, blocks_per_group, n_chunks, n_state, BLOCK) if save else u.new_empty(0)
         lib = _kernels(u.dtype)
-        _run_ranges(lib.scan_forward, (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), batch, dim, length, n_state, groups,
-                                       int(save), _p(y), _p(last_state), _p(checkpoints)),
-                    batch * groups * blocks_per_group)
+        args = (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), batch, dim, length, n_state, groups, int(save), _p(y),
+                _p(last_state), _p(checkpoints))
+        _run_ranges(lib, lib.scan_forward, args, batch * groups * blocks_per_group)
         if save:
             ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
         return y, last_state
@@ -199,10 +213,9 @@ class _NativeSelectiveScan(torch.autograd.Function):
         dB_parts = u.new_empty(batch, groups, parts, length, n_state)
         dC_parts = u.new_empty(batch, groups, parts, length, n_state)
         lib = _kernels(u.dtype)
-        _run_ranges(lib.scan_backward, (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), _p(dy), _p(dlast), _p(checkpoints),
-                                        batch, dim, length, n_state, groups, parts, _p(du), _p(ddelta),
-                                        _p(dA_per_batch), _p(dB_parts), _p(dC_parts)),
-                    batch * groups * parts)
+        args = (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), _p(dy), _p(dlast), _p(checkpoints), batch, dim, length,
+                n_state, groups, parts, _p(du), _p(ddelta), _p(dA_per_batch), _p(dB_parts), _p(dC_parts))
+        _run_ranges(lib, lib.scan_backward, args, batch * groups * parts)
         dB = dB_parts.sum(2) if parts > 1 else dB_parts[:, :, 0]
         dC = dC_parts.sum(2) if parts > 1 else dC_parts[:, :, 0]
         return du, ddelta, dA_per_batch.sum(0), dB.transpose(-1, -2), dC.transpose(-1, -2)
