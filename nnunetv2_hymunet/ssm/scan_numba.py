@@ -1,4 +1,5 @@
-"""Fused CPU selective scan compiled with numba.
+"""Fused CPU selective scan compiled with numba: the fallback for machines where the C kernel (scan_native.c) cannot
+be built. Same algorithm, one pass per array written (numba cannot tell LLVM that its scratch arrays do not alias).
 
 Channels are scanned in blocks of BLOCK that share B and C (one group). A block's state is an (N, BLOCK) plane, so
 every inner loop runs over contiguous channels and LLVM vectorises it without reductions across vector lanes (a
