@@ -27,10 +27,10 @@ typedef double scalar;
 typedef int64_t bits_t;
 /* x = k ln2 + r, |r| <= ln2/2; degree-12 Taylor polynomial (truncation < 2e-16); 2^k built in the exponent bits.
  * x is clamped to [-708, 710]: below exp(-708) the result is exp(-708) (~3e-308); from ~709.4 on k reaches 1024,
- * whose exponent bits are inf. The clamps are written as max / min (one instruction each); NaN is restored after. */
+ * whose exponent bits are inf. The clamps compile to one max / min each and let NaN through, so NaN stays NaN. */
 static inline scalar scan_exp(scalar x) {
-  scalar xi = x > -708.0 ? x : -708.0;
-  xi = xi < 710.0 ? xi : 710.0;
+  scalar xi = x < -708.0 ? -708.0 : x;
+  xi = xi > 710.0 ? 710.0 : xi;
   scalar k = (xi * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
   scalar r = (xi - k * 0.6931471803691238) - k * 1.9082149292705877e-10;
   scalar p = 1.0 / 479001600.0;
@@ -49,16 +49,17 @@ static inline scalar scan_exp(scalar x) {
   bits_t bits = ((bits_t)k + 1023) << 52;
   scalar scale;
   memcpy(&scale, &bits, sizeof scale);
-  return x == x ? p * scale : x;
+  return p * scale;
 }
 #else
 typedef float scalar;
 typedef int32_t bits_t;
 /* Degree-7 polynomial (truncation < 1e-8 on |r| <= ln2/2, below float rounding). x is clamped to [-87, 89]: below
- * exp(-87) the result is exp(-87) (~1.6e-38); from ~88.38 on k reaches 128, whose exponent bits are inf. */
+ * exp(-87) the result is exp(-87) (~1.6e-38); from ~88.38 on k reaches 128, whose exponent bits are inf. NaN passes
+ * the clamps and stays NaN. */
 static inline scalar scan_exp(scalar x) {
-  scalar xi = x > -87.0f ? x : -87.0f;
-  xi = xi < 89.0f ? xi : 89.0f;
+  scalar xi = x < -87.0f ? -87.0f : x;
+  xi = xi > 89.0f ? 89.0f : xi;
   scalar k = (xi * 1.44269504f + 12582912.0f) - 12582912.0f;
   scalar r = (xi - k * 0.693359375f) - k * -2.12194440e-4f;
   scalar p = 1.0f / 5040.0f;
@@ -72,7 +73,7 @@ static inline scalar scan_exp(scalar x) {
   bits_t bits = ((bits_t)k + 127) << 23;
   scalar scale;
   memcpy(&scale, &bits, sizeof scale);
-  return x == x ? p * scale : x;
+  return p * scale;
 }
 #endif
 
