@@ -2,16 +2,16 @@
  * double, float otherwise).
  *
  * Same algorithm as scan_numba.py: channels are scanned in blocks of BLOCK lanes that share B and C, so a block's state
- * is an (N, BLOCK) plane and every inner loop runs over contiguous lanes. C lets the compiler see that the scratch
- * planes do not alias (restrict), so each step is one fused loop (decay, state update and output together), where
- * numba needs one pass per array it writes.
+ * is an (N, BLOCK) plane and every inner loop runs over contiguous lanes. The hot loops are written with explicit
+ * vectors of VL lanes (GCC / clang vector extensions, any target): for each vector of lanes the loop over the N states
+ * runs inside, so the sums over n (y_t, and the backward's du / ddelta terms) stay in registers and each step is one
+ * fused pass (decay, state update, output), where numba needs one pass per array it writes.
  *
  * Forward: a task is one (batch, group, block); only y, the last state and one checkpoint per CHUNK steps are written.
  * Backward: a task is one (batch, group, part of the group's blocks); chunks are visited in reverse, a chunk's decays
  * and states are recomputed from its checkpoint and the adjoint is swept back through them. dB and dC (sums over the
  * group's channels) are accumulated per part in (CHUNK, N, BLOCK) planes, summed over the lanes once per chunk into
  * the part's own (L, N) buffer, and the parts are summed by the caller: race-free and deterministic.
- * The caller splits the tasks into ranges and runs them on its own threads.
  *
  * Every step multiplies by exp(delta * A) directly (no exp(-cumsum) closed form), so any delta / A is stable.
  */
@@ -19,21 +19,44 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 32 /* lanes: 4 AVX2 float vectors */
+#define BLOCK 32 /* lanes per block: 4 AVX2 float vectors */
 #define CHUNK 16 /* steps between checkpoints */
 
 #ifdef SCAN_DOUBLE
 typedef double scalar;
 typedef int64_t bits_t;
-/* x = k ln2 + r, |r| <= ln2/2; degree-12 Taylor polynomial (truncation < 2e-16); 2^k built in the exponent bits.
- * x is clamped to [-708, 710]: below exp(-708) the result is exp(-708) (~3e-308); from ~709.4 on k reaches 1024,
- * whose exponent bits are inf. The clamps compile to one max / min each and let NaN through, so NaN stays NaN. */
-static inline scalar scan_exp(scalar x) {
-  scalar xi = x < -708.0 ? -708.0 : x;
-  xi = xi > 710.0 ? 710.0 : xi;
-  scalar k = (xi * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
-  scalar r = (xi - k * 0.6931471803691238) - k * 1.9082149292705877e-10;
-  scalar p = 1.0 / 479001600.0;
+#else
+typedef float scalar;
+typedef int32_t bits_t;
+#endif
+#define VBYTES 32
+#define VL ((int)(VBYTES / sizeof(scalar)))
+typedef scalar vec __attribute__((vector_size(VBYTES)));
+typedef bits_t ivec __attribute__((vector_size(VBYTES)));
+static inline vec vload(const scalar *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(scalar *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline vec vsplat(scalar s) { return (vec){0} + s; }
+
+/* exp(x): x = k ln2 + r with |r| <= ln2/2, a Taylor polynomial for exp(r) (degree 12 for double, truncation < 2e-16;
+ * degree 7 for float, < 1e-8, below float rounding), and 2^k assembled in the exponent bits. x is clamped first
+ * (double [-708, 710], float [-87, 89]): below the range the result is exp(low) (~3e-308 / ~1.6e-38), an absolute
+ * error far below any state change; near the top k reaches the maximum exponent, whose bits are inf, so overflow gives
+ * inf. The clamps are written so that NaN passes them, and NaN stays NaN. */
+static inline vec vexp(vec x) {
+#ifdef SCAN_DOUBLE
+  const scalar low = -708.0, high = 710.0, log2e = 1.4426950408889634, magic = 6755399441055744.0;
+  const scalar ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+#else
+  const scalar low = -87.0f, high = 89.0f, log2e = 1.44269504f, magic = 12582912.0f;
+  const scalar ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+#endif
+  ivec below = x < vsplat(low), above = x > vsplat(high);
+  vec xi = (vec)((below & (ivec)vsplat(low)) | (~below & (ivec)x));
+  xi = (vec)((above & (ivec)vsplat(high)) | (~above & (ivec)xi));
+  vec k = (xi * log2e + magic) - magic;
+  vec r = (xi - k * ln2_hi) - k * ln2_lo;
+#ifdef SCAN_DOUBLE
+  vec p = vsplat(1.0 / 479001600.0);
   p = p * r + 1.0 / 39916800.0;
   p = p * r + 1.0 / 3628800.0;
   p = p * r + 1.0 / 362880.0;
@@ -46,23 +69,9 @@ static inline scalar scan_exp(scalar x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  bits_t bits = ((bits_t)k + 1023) << 52;
-  scalar scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+  ivec bits = (__builtin_convertvector(k, ivec) + 1023) << 52;
 #else
-typedef float scalar;
-typedef int32_t bits_t;
-/* Degree-7 polynomial (truncation < 1e-8 on |r| <= ln2/2, below float rounding). x is clamped to [-87, 89]: below
- * exp(-87) the result is exp(-87) (~1.6e-38); from ~88.38 on k reaches 128, whose exponent bits are inf. NaN passes
- * the clamps and stays NaN. */
-static inline scalar scan_exp(scalar x) {
-  scalar xi = x < -87.0f ? -87.0f : x;
-  xi = xi > 89.0f ? 89.0f : xi;
-  scalar k = (xi * 1.44269504f + 12582912.0f) - 12582912.0f;
-  scalar r = (xi - k * 0.693359375f) - k * -2.12194440e-4f;
-  scalar p = 1.0f / 5040.0f;
+  vec p = vsplat(1.0f / 5040.0f);
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -70,12 +79,10 @@ static inline scalar scan_exp(scalar x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  bits_t bits = ((bits_t)k + 127) << 23;
-  scalar scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+  ivec bits = (__builtin_convertvector(k, ivec) + 127) << 23;
 #endif
+  return p * (vec)bits;
+}
 
 /* out[k][w] = src[row0 + w][t0 + k] for w < width; lanes >= width are zero. src rows have `length` steps.
  * Each row is a separate stream that the hardware prefetchers do not follow, so the segment this task reads next
@@ -134,18 +141,16 @@ static int scan_forward_tasks(const scalar *u, const scalar *delta, const scalar
       for (int64_t i = 0; i < steps * BLOCK; i++) dtu[i] = dt[i] * ut[i];
       for (int64_t k = 0; k < steps; k++) {
         const scalar *restrict dt_k = dt + k * BLOCK, *restrict dtu_k = dtu + k * BLOCK;
-        scalar *restrict y_k = yb + k * BLOCK;
-        for (int w = 0; w < BLOCK; w++) y_k[w] = 0;
-        for (int64_t n = 0; n < n_state; n++) {
-          const scalar bn = Bg[(t0 + k) * n_state + n], cn = Cg[(t0 + k) * n_state + n];
-          const scalar *restrict A_n = Ab + n * BLOCK;
-          scalar *restrict h_n = h + n * BLOCK;
-          #pragma omp simd
-          for (int w = 0; w < BLOCK; w++) {
-            const scalar hv = scan_exp(dt_k[w] * A_n[w]) * h_n[w] + dtu_k[w] * bn;
-            h_n[w] = hv;
-            y_k[w] += hv * cn;
+        const scalar *B_t = Bg + (t0 + k) * n_state, *C_t = Cg + (t0 + k) * n_state;
+        for (int v = 0; v < BLOCK; v += VL) {  /* y_t for VL lanes accumulates over n in a register */
+          const vec dt_v = vload(dt_k + v), dtu_v = vload(dtu_k + v);
+          vec y_v = vsplat(0);
+          for (int64_t n = 0; n < n_state; n++) {
+            const vec hv = vexp(dt_v * vload(Ab + n * BLOCK + v)) * vload(h + n * BLOCK + v) + dtu_v * B_t[n];
+            vstore(h + n * BLOCK + v, hv);
+            y_v += hv * C_t[n];
           }
+          vstore(yb + k * BLOCK + v, y_v);
         }
       }
       store_block(yb, b * dim + d0, width, length, t0, steps, y);
@@ -211,49 +216,41 @@ static int scan_backward_tasks(const scalar *u, const scalar *delta, const scala
         /* recompute the chunk's decays and states from its checkpoint */
         memcpy(states, ck + c * plane, sizeof(scalar) * plane);
         for (int64_t k = 0; k < steps; k++) {
-          const scalar *restrict dt_k = dt + k * BLOCK, *restrict dtu_k = dtu + k * BLOCK;
-          for (int64_t n = 0; n < n_state; n++) {
-            const scalar bn = Bg[(t0 + k) * n_state + n];
-            const scalar *restrict A_n = Ab + n * BLOCK, *restrict h_prev = states + k * plane + n * BLOCK;
-            scalar *restrict a_kn = decays + k * plane + n * BLOCK, *restrict h_kn = states + (k + 1) * plane + n * BLOCK;
-            #pragma omp simd
-            for (int w = 0; w < BLOCK; w++) {
-              const scalar a = scan_exp(dt_k[w] * A_n[w]);
-              a_kn[w] = a;
-              h_kn[w] = a * h_prev[w] + dtu_k[w] * bn;
+          const scalar *B_t = Bg + (t0 + k) * n_state;
+          for (int v = 0; v < BLOCK; v += VL) {
+            const vec dt_v = vload(dt + k * BLOCK + v), dtu_v = vload(dtu + k * BLOCK + v);
+            for (int64_t n = 0; n < n_state; n++) {
+              const int64_t o = k * plane + n * BLOCK + v;
+              const vec a = vexp(dt_v * vload(Ab + n * BLOCK + v));
+              vstore(decays + o, a);
+              vstore(states + plane + o, a * vload(states + o) + dtu_v * B_t[n]);
             }
           }
         }
-        /* g_t = adjoint_{t+1} + dy_t C_t; adjoint_t = a_t g_t; gah_t = g_t a_t h_{t-1} feeds dA and ddelta */
+        /* g_t = adjoint_{t+1} + dy_t C_t; adjoint_t = a_t g_t; gah_t = g_t a_t h_{t-1} feeds dA and ddelta; the sums
+         * over n (sum_n A g a h_{t-1} and sum_n g B) stay in registers and give du and ddelta directly */
         for (int64_t k = steps - 1; k >= 0; k--) {
-          const scalar *restrict dy_k = dyt + k * BLOCK, *restrict dt_k = dt + k * BLOCK, *restrict dtu_k = dtu + k * BLOCK;
-          scalar *restrict sA_k = sum_Agah + k * BLOCK, *restrict sgB_k = sum_gB + k * BLOCK;
-          for (int w = 0; w < BLOCK; w++) sA_k[w] = sgB_k[w] = 0;
-          for (int64_t n = 0; n < n_state; n++) {
-            const scalar bn = Bg[(t0 + k) * n_state + n], cn = Cg[(t0 + k) * n_state + n];
-            const scalar *restrict a_kn = decays + k * plane + n * BLOCK, *restrict A_n = Ab + n * BLOCK;
-            const scalar *restrict h_kn = states + (k + 1) * plane + n * BLOCK, *restrict h_prev = states + k * plane + n * BLOCK;
-            scalar *restrict adj = adj_j + n * BLOCK, *restrict gA_n = gA_j + n * BLOCK;
-            scalar *restrict dB_kn = dB_acc + k * plane + n * BLOCK, *restrict dC_kn = dC_acc + k * plane + n * BLOCK;
-            #pragma omp simd
-            for (int w = 0; w < BLOCK; w++) {
-              const scalar gi = adj[w] + dy_k[w] * cn;
-              const scalar ag = a_kn[w] * gi;
-              const scalar gah = ag * h_prev[w];
-              adj[w] = ag;
-              sA_k[w] += A_n[w] * gah;
-              gA_n[w] += dt_k[w] * gah;
-              sgB_k[w] += gi * bn;
-              dB_kn[w] += gi * dtu_k[w];
-              dC_kn[w] += dy_k[w] * h_kn[w];
+          const scalar *B_t = Bg + (t0 + k) * n_state, *C_t = Cg + (t0 + k) * n_state;
+          for (int v = 0; v < BLOCK; v += VL) {
+            const vec dy_v = vload(dyt + k * BLOCK + v), dt_v = vload(dt + k * BLOCK + v);
+            const vec dtu_v = vload(dtu + k * BLOCK + v);
+            vec sum_Agah_v = vsplat(0), sum_gB_v = vsplat(0);
+            for (int64_t n = 0; n < n_state; n++) {
+              const int64_t o = n * BLOCK + v, ko = k * plane + o;
+              const vec g = vload(adj_j + o) + dy_v * C_t[n];
+              const vec ag = vload(decays + ko) * g;
+              const vec gah = ag * vload(states + ko);
+              vstore(adj_j + o, ag);
+              sum_Agah_v += vload(Ab + o) * gah;
+              vstore(gA_j + o, vload(gA_j + o) + dt_v * gah);
+              sum_gB_v += g * B_t[n];
+              vstore(dB_acc + ko, vload(dB_acc + ko) + g * dtu_v);
+              vstore(dC_acc + ko, vload(dC_acc + ko) + dy_v * vload(states + plane + ko));
             }
+            /* du = dt sum_n g B ; ddelta = sum_n A g a h_{t-1} + u sum_n g B */
+            vstore(sum_gB + k * BLOCK + v, dt_v * sum_gB_v);
+            vstore(sum_Agah + k * BLOCK + v, sum_Agah_v + vload(ut + k * BLOCK + v) * sum_gB_v);
           }
-        }
-        /* du = dt sum_n g B ; ddelta = sum_n A g a h_{t-1} + u sum_n g B (reusing the input rows) */
-        for (int64_t i = 0; i < steps * BLOCK; i++) {
-          const scalar s = sum_gB[i];
-          sum_Agah[i] += ut[i] * s;
-          sum_gB[i] = dt[i] * s;
         }
         store_block(sum_gB, b * dim + d0, width, length, t0, steps, du);
         store_block(sum_Agah, b * dim + d0, width, length, t0, steps, ddelta);

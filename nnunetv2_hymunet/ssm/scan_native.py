@@ -28,12 +28,10 @@ import torch
 SOURCE = Path(__file__).with_name("scan_native.c")
 BLOCK = 32  # must match scan_native.c
 CHUNK = 16
-# -ffp-contract=fast: fused multiply-adds (as numba's "contract"); -fno-trapping-math lets the compiler turn the exp
-# clamps into vector selects; -fopenmp-simd honours `#pragma omp simd` (vectorise the fused lane loops without alias
-# checks). -fopenmp runs the tasks in OpenMP's thread pool (torch's, see scan_native.c); where the compiler has no
-# OpenMP (Apple clang) the library is built without it and the tasks run on a Python thread pool instead.
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd", "-std=c99", "-shared",
-         "-fPIC")
+# -ffp-contract=fast: fused multiply-adds in the vector code (as numba's "contract"). -fopenmp runs the tasks in
+# OpenMP's thread pool (torch's, see scan_native.c); where the compiler has no OpenMP (Apple clang) the library is built
+# without it and the tasks run on a Python thread pool instead.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC")
 OPENMP_FLAGS = ("-fopenmp",)
 _TYPES = {torch.float32: ("float", []), torch.float64: ("double", ["-DSCAN_DOUBLE"])}
 
