@@ -248,23 +248,50 @@ def test_cpu_kernel_works_in_forked_worker(backend):
     assert result.returncode == 0 and "fork ok" in result.stdout, result.stdout + result.stderr
 
 
-def test_native_kernel_is_deterministic_across_thread_counts(monkeypatch):
-    """Tasks write disjoint outputs and dB / dC are summed per part, so 1 and 2 threads give bit-identical results."""
+def test_native_kernel_is_deterministic_across_thread_counts_and_pools(monkeypatch):
+    """Tasks write disjoint outputs and dB / dC are summed per part, so 1 thread, 2 OpenMP threads and 2 Python
+    threads (the path of forked children and of compilers without OpenMP) give bit-identical results."""
     from nnunetv2_hymunet.ssm import scan_native
 
+    assert scan_native.uses_openmp()  # gcc and clang on Linux have OpenMP
     results = []
     previous = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads, python_pool in ((1, False), (2, False), (2, True)):
             torch.set_num_threads(threads)
+            monkeypatch.setattr(scan_native, "_forked_child", python_pool)
+            monkeypatch.setattr(scan_native, "_pool", None)
             inputs = make_inputs(19, 2, 100, 90, 16, 2, torch.float32)
             results.append(outputs_and_grads("native", inputs, monkeypatch, 19))
+            assert (scan_native._pool is not None) == python_pool
     finally:
         torch.set_num_threads(previous)
-    # the 2-thread run went through OpenMP (gcc and clang on Linux have it) or, without it, the Python thread pool
-    assert scan_native.uses_openmp() or scan_native._pool is not None
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+    for one, two, three in zip(*results):
+        assert torch.equal(one, two) and torch.equal(one, three)
+
+
+def test_native_builds_without_openmp(tmp_path):
+    """A compiler without OpenMP (Apple clang) gets a library that runs its tasks on the Python thread pool."""
+    script = textwrap.dedent("""
+        import torch
+        from nnunetv2_hymunet.ssm import scan_native
+        from nnunetv2_hymunet.ssm.scan_reference import selective_scan_core_reference
+        scan_native.ATTEMPTS = (("-fno-openmp",),)
+        torch.set_num_threads(2)
+        assert scan_native.build_error() is None and not scan_native.uses_openmp()
+        g = torch.Generator().manual_seed(0)
+        u, delta = torch.randn(2, 64, 50, generator=g, dtype=torch.float64), torch.rand(2, 64, 50, generator=g)
+        A, B = -torch.rand(64, 4, generator=g, dtype=torch.float64), torch.randn(2, 1, 4, 50, generator=g)
+        args = (u, delta.double(), A, B.double(), B.double())
+        y, last = scan_native.selective_scan_core_native(*args)
+        y_ref, last_ref = selective_scan_core_reference(*args)
+        assert scan_native._pool is not None
+        assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-12) and torch.allclose(last, last_ref, rtol=1e-10)
+        print("ok")
+    """)
+    env = dict(os.environ, HYMUNET_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
 
 
 def test_native_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):

@@ -283,6 +283,9 @@ static int scan_backward_tasks(const scalar *u, const scalar *delta, const scala
  * in OpenMP's thread pool, which is torch's own when torch uses GNU OpenMP (the library is found by its soname), so
  * torch's workers, still spinning after its last parallel op, pick the work up instead of competing with extra
  * threads for the cores. Without OpenMP the caller passes one range per call and runs the calls on its own threads. */
+int scan_block(void) { return BLOCK; }
+int scan_chunk(void) { return CHUNK; }
+
 int scan_openmp(void) {
 #ifdef _OPENMP
   return 1;

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("scan_native.c")
-BLOCK = 32  # must match scan_native.c
+BLOCK = 32  # lanes per block and steps per checkpoint, as in scan_native.c (checked when the library loads)
 CHUNK = 16
 # -ffp-contract=fast: fused multiply-adds in the vector code (as numba's "contract"). -fopenmp runs the tasks in
-# OpenMP's thread pool (torch's, see scan_native.c); where the compiler has no OpenMP (Apple clang) the library is built
-# without it and the tasks run on a Python thread pool instead.
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC")
-OPENMP_FLAGS = ("-fopenmp",)
+# OpenMP's thread pool (torch's, see scan_native.c). Compilers that reject a flag get the next attempt: without OpenMP
+# (Apple clang; the tasks then run on a Python thread pool), then also without -march=native (older clang on arm64).
+FLAGS = ("-O3", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC")
+ATTEMPTS = (("-march=native", "-fopenmp"), ("-march=native",), ())
 _TYPES = {torch.float32: ("float", []), torch.float64: ("double", ["-DSCAN_DOUBLE"])}
 
 
@@ -70,7 +70,7 @@ def _build(dtype: torch.dtype) -> Path:
     cc = compiler()
     type_name, defines = _TYPES[dtype]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS + OPENMP_FLAGS + tuple(defines)),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, repr((FLAGS, ATTEMPTS, defines)),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"scan_native_{type_name}_{key}.so"
     if target.exists():
@@ -80,11 +80,12 @@ def _build(dtype: torch.dtype) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *FLAGS, *OPENMP_FLAGS, *defines, str(SOURCE), "-o", tmp], capture_output=True,
-                                text=True)
-        if result.returncode != 0:
-            result = subprocess.run([cc, *FLAGS, *defines, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
+        for extra in ATTEMPTS:
+            result = subprocess.run([cc, *FLAGS, *extra, *defines, str(SOURCE), "-o", tmp], capture_output=True,
+                                    text=True)
+            if result.returncode == 0:
+                break
+        else:
             raise NativeBuildError(f"{cc} failed to compile {SOURCE.name}:\n{result.stderr.strip()}")
         os.replace(tmp, target)
     finally:
@@ -108,6 +109,9 @@ def _library(dtype: torch.dtype):
     lib.scan_backward.restype = ctypes.c_int
     lib.scan_backward.argtypes = [_ptr] * 8 + [_i64] * 6 + [_ptr] * 5 + [_i64] * 2 + [ctypes.c_int]
     lib.scan_openmp.restype = ctypes.c_int
+    if (lib.scan_block(), lib.scan_chunk()) != (BLOCK, CHUNK):  # the checkpoint layout depends on both
+        return NativeBuildError(f"{SOURCE.name} has BLOCK, CHUNK = {lib.scan_block()}, {lib.scan_chunk()}, "
+                                f"this module expects {BLOCK}, {CHUNK}")
     return lib
 
 
