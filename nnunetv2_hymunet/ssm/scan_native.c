@@ -113,12 +113,29 @@ static void load_A(const scalar *restrict A, int64_t d0, int64_t width, int64_t 
     for (int64_t n = 0; n < n_state; n++) out[n * BLOCK + w] = A[(d0 + w) * n_state + n];
 }
 
+/* dt, ut: the block's delta and u for steps t0..t0+steps-1 (see load_block); dtu = dt * u. */
+static void load_chunk_inputs(const scalar *restrict delta, const scalar *restrict u, int64_t row0, int64_t width,
+                              int64_t length, int64_t t0, int64_t steps, int64_t next_offset, scalar *restrict dt,
+                              scalar *restrict ut, scalar *restrict dtu) {
+  load_block(delta, row0, width, length, t0, steps, next_offset, dt);
+  load_block(u, row0, width, length, t0, steps, next_offset, ut);
+  for (int64_t i = 0; i < steps * BLOCK; i++) dtu[i] = dt[i] * ut[i];
+}
+
+/* One step of the recurrence for VL lanes of one state: h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t. Shared by the
+ * forward and the backward's recomputation, so both compute the same states. */
+static inline vec advance(vec h_prev, vec dt_v, vec A_v, vec dtu_v, scalar b_n, vec *decay) {
+  *decay = vexp(dt_v * A_v);
+  return *decay * h_prev + dtu_v * b_n;
+}
+
 /* u, delta, y: (batch, dim, length); A: (dim, N); Bt, Ct: (batch, groups, length, N); last_state: (batch, dim, N);
  * checkpoints: (batch, groups, blocks_per_group, n_chunks, N, BLOCK), written when save_checkpoints.
  * Runs tasks [task_begin, task_end) of batch * groups * blocks_per_group. Returns 0, or -1 when out of memory. */
-static int scan_forward_tasks(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
-                 int64_t batch, int64_t dim, int64_t length, int64_t n_state, int64_t groups, int save_checkpoints,
-                 scalar *y, scalar *last_state, scalar *checkpoints, int64_t task_begin, int64_t task_end) {
+static int scan_forward_tasks(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt,
+                              const scalar *Ct, int64_t batch, int64_t dim, int64_t length, int64_t n_state,
+                              int64_t groups, int save_checkpoints, scalar *y, scalar *last_state, scalar *checkpoints,
+                              int64_t task_begin, int64_t task_end) {
   const int64_t group_size = dim / groups, blocks_per_group = (group_size + BLOCK - 1) / BLOCK;
   const int64_t n_chunks = (length + CHUNK - 1) / CHUNK, plane = n_state * BLOCK;
   scalar *buffer = malloc(sizeof(scalar) * (4 * CHUNK * BLOCK + 2 * plane));
@@ -136,9 +153,7 @@ static int scan_forward_tasks(const scalar *u, const scalar *delta, const scalar
     for (int64_t c = 0; c < n_chunks; c++) {
       const int64_t t0 = c * CHUNK, steps = length - t0 < CHUNK ? length - t0 : CHUNK;
       if (save_checkpoints) memcpy(ck + c * plane, h, sizeof(scalar) * plane);  /* state before step t0 */
-      load_block(delta, b * dim + d0, width, length, t0, steps, CHUNK, dt);
-      load_block(u, b * dim + d0, width, length, t0, steps, CHUNK, ut);
-      for (int64_t i = 0; i < steps * BLOCK; i++) dtu[i] = dt[i] * ut[i];
+      load_chunk_inputs(delta, u, b * dim + d0, width, length, t0, steps, CHUNK, dt, ut, dtu);
       for (int64_t k = 0; k < steps; k++) {
         const scalar *restrict dt_k = dt + k * BLOCK, *restrict dtu_k = dtu + k * BLOCK;
         const scalar *B_t = Bg + (t0 + k) * n_state, *C_t = Cg + (t0 + k) * n_state;
@@ -146,7 +161,8 @@ static int scan_forward_tasks(const scalar *u, const scalar *delta, const scalar
           const vec dt_v = vload(dt_k + v), dtu_v = vload(dtu_k + v);
           vec y_v = vsplat(0);
           for (int64_t n = 0; n < n_state; n++) {
-            const vec hv = vexp(dt_v * vload(Ab + n * BLOCK + v)) * vload(h + n * BLOCK + v) + dtu_v * B_t[n];
+            vec decay;
+            const vec hv = advance(vload(h + n * BLOCK + v), dt_v, vload(Ab + n * BLOCK + v), dtu_v, B_t[n], &decay);
             vstore(h + n * BLOCK + v, hv);
             y_v += hv * C_t[n];
           }
@@ -165,11 +181,11 @@ static int scan_forward_tasks(const scalar *u, const scalar *delta, const scalar
 /* Adjoint sweep. dy: (batch, dim, length); dlast: (batch, dim, N); checkpoints from scan_forward; du, ddelta:
  * (batch, dim, length); dA_per_batch: (batch, dim, N); dB_parts, dC_parts: (batch, groups, parts_per_group, length, N).
  * Runs tasks [task_begin, task_end) of batch * groups * parts_per_group. Returns 0, or -1 when out of memory. */
-static int scan_backward_tasks(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
-                  const scalar *dy, const scalar *dlast, const scalar *checkpoints, int64_t batch, int64_t dim,
-                  int64_t length, int64_t n_state, int64_t groups, int64_t parts_per_group, scalar *du,
-                  scalar *ddelta, scalar *dA_per_batch, scalar *dB_parts, scalar *dC_parts, int64_t task_begin,
-                  int64_t task_end) {
+static int scan_backward_tasks(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt,
+                               const scalar *Ct, const scalar *dy, const scalar *dlast, const scalar *checkpoints,
+                               int64_t batch, int64_t dim, int64_t length, int64_t n_state, int64_t groups,
+                               int64_t parts_per_group, scalar *du, scalar *ddelta, scalar *dA_per_batch,
+                               scalar *dB_parts, scalar *dC_parts, int64_t task_begin, int64_t task_end) {
   const int64_t group_size = dim / groups, blocks_per_group = (group_size + BLOCK - 1) / BLOCK;
   const int64_t blocks_per_part = (blocks_per_group + parts_per_group - 1) / parts_per_group;
   const int64_t n_chunks = (length + CHUNK - 1) / CHUNK, plane = n_state * BLOCK;
@@ -208,11 +224,9 @@ static int scan_backward_tasks(const scalar *u, const scalar *delta, const scala
         const int64_t width = (g + 1) * group_size - d0 < BLOCK ? (g + 1) * group_size - d0 : BLOCK;
         const scalar *ck = checkpoints + ((b * groups + g) * blocks_per_group + blk) * n_chunks * plane;
         scalar *restrict adj_j = adjoint + j * plane, *restrict gA_j = grad_A + j * plane;
-        load_block(delta, b * dim + d0, width, length, t0, steps, -CHUNK, dt);
-        load_block(u, b * dim + d0, width, length, t0, steps, -CHUNK, ut);
+        load_chunk_inputs(delta, u, b * dim + d0, width, length, t0, steps, -CHUNK, dt, ut, dtu);
         load_block(dy, b * dim + d0, width, length, t0, steps, -CHUNK, dyt);
         load_A(A, d0, width, n_state, Ab);
-        for (int64_t i = 0; i < steps * BLOCK; i++) dtu[i] = dt[i] * ut[i];
         /* recompute the chunk's decays and states from its checkpoint */
         memcpy(states, ck + c * plane, sizeof(scalar) * plane);
         for (int64_t k = 0; k < steps; k++) {
@@ -221,9 +235,10 @@ static int scan_backward_tasks(const scalar *u, const scalar *delta, const scala
             const vec dt_v = vload(dt + k * BLOCK + v), dtu_v = vload(dtu + k * BLOCK + v);
             for (int64_t n = 0; n < n_state; n++) {
               const int64_t o = k * plane + n * BLOCK + v;
-              const vec a = vexp(dt_v * vload(Ab + n * BLOCK + v));
-              vstore(decays + o, a);
-              vstore(states + plane + o, a * vload(states + o) + dtu_v * B_t[n]);
+              vec decay;
+              vstore(states + plane + o, advance(vload(states + o), dt_v, vload(Ab + n * BLOCK + v), dtu_v, B_t[n],
+                                                 &decay));
+              vstore(decays + o, decay);
             }
           }
         }
@@ -294,22 +309,27 @@ int scan_openmp(void) {
 #endif
 }
 
+/* The task range [begin, end) split into `threads` contiguous parts: part i starts here. */
+static inline int64_t part_start(int64_t begin, int64_t end, int i, int threads) {
+  return begin + (end - begin) * i / threads;
+}
+
+/* With one thread there is no parallel region at all: an OpenMP pool inherited through fork() must not be touched. */
 int scan_forward(const scalar *u, const scalar *delta, const scalar *A, const scalar *Bt, const scalar *Ct,
                  int64_t batch, int64_t dim, int64_t length, int64_t n_state, int64_t groups, int save_checkpoints,
                  scalar *y, scalar *last_state, scalar *checkpoints, int64_t task_begin, int64_t task_end,
                  int threads) {
-  /* one thread: no parallel region at all (an OpenMP pool inherited through fork() must not be touched) */
-  if (threads <= 1) return scan_forward_tasks(u, delta, A, Bt, Ct, batch, dim, length, n_state, groups, save_checkpoints, y,
+  if (threads <= 1)
+    return scan_forward_tasks(u, delta, A, Bt, Ct, batch, dim, length, n_state, groups, save_checkpoints, y,
                               last_state, checkpoints, task_begin, task_end);
   int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
 #endif
-  for (int i = 0; i < threads; i++) {
-    const int64_t n = task_end - task_begin, begin = task_begin + n * i / threads, end = task_begin + n * (i + 1) / threads;
+  for (int i = 0; i < threads; i++)
     failed |= scan_forward_tasks(u, delta, A, Bt, Ct, batch, dim, length, n_state, groups, save_checkpoints, y,
-                                 last_state, checkpoints, begin, end) != 0;
-  }
+                                 last_state, checkpoints, part_start(task_begin, task_end, i, threads),
+                                 part_start(task_begin, task_end, i + 1, threads)) != 0;
   return failed ? -1 : 0;
 }
 
@@ -318,17 +338,17 @@ int scan_backward(const scalar *u, const scalar *delta, const scalar *A, const s
                   int64_t length, int64_t n_state, int64_t groups, int64_t parts_per_group, scalar *du,
                   scalar *ddelta, scalar *dA_per_batch, scalar *dB_parts, scalar *dC_parts, int64_t task_begin,
                   int64_t task_end, int threads) {
-  /* one thread: no parallel region at all (an OpenMP pool inherited through fork() must not be touched) */
-  if (threads <= 1) return scan_backward_tasks(u, delta, A, Bt, Ct, dy, dlast, checkpoints, batch, dim, length, n_state, groups,
+  if (threads <= 1)
+    return scan_backward_tasks(u, delta, A, Bt, Ct, dy, dlast, checkpoints, batch, dim, length, n_state, groups,
                                parts_per_group, du, ddelta, dA_per_batch, dB_parts, dC_parts, task_begin, task_end);
   int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
 #endif
-  for (int i = 0; i < threads; i++) {
-    const int64_t n = task_end - task_begin, begin = task_begin + n * i / threads, end = task_begin + n * (i + 1) / threads;
+  for (int i = 0; i < threads; i++)
     failed |= scan_backward_tasks(u, delta, A, Bt, Ct, dy, dlast, checkpoints, batch, dim, length, n_state, groups,
-                                  parts_per_group, du, ddelta, dA_per_batch, dB_parts, dC_parts, begin, end) != 0;
-  }
+                                  parts_per_group, du, ddelta, dA_per_batch, dB_parts, dC_parts,
+                                  part_start(task_begin, task_end, i, threads),
+                                  part_start(task_begin, task_end, i + 1, threads)) != 0;
   return failed ? -1 : 0;
 }
