@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from nnunetv2_hymunet.ssm.blocked_scan import assemble_grads, backward_parts, check_cpu_inputs, forward_inputs
+
 SOURCE = Path(__file__).with_name("scan_native.c")
 BLOCK = 32  # lanes per block and steps per checkpoint, as in scan_native.c (checked when the library loads)
 CHUNK = 16
@@ -185,9 +187,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, n_state = B.shape[1], A.shape[1]
         blocks_per_group = -(-(dim // groups) // BLOCK)
-        Bt = B.detach().transpose(-1, -2).contiguous()  # (b, G, L, N): the N values of one step are contiguous
-        Ct = C.detach().transpose(-1, -2).contiguous()
-        u, delta, A = u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous()
+        u, delta, A, Bt, Ct = forward_inputs(u, delta, A, B, C)
         save = any(ctx.needs_input_grad)
         n_chunks = -(-length // CHUNK)
         y = u.new_empty(batch, dim, length)
@@ -206,9 +206,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
         batch, dim, length = u.shape
         groups, n_state = Bt.shape[1], A.shape[1]
-        blocks_per_group = -(-(dim // groups) // BLOCK)
-        # enough parts per group to keep every thread busy; each part costs one (L, N) partial buffer for dB and dC
-        parts = min(blocks_per_group, max(1, -(-2 * torch.get_num_threads() // (batch * groups))))
+        parts = backward_parts(dim // groups, BLOCK, batch, groups, torch.get_num_threads())
         dy, dlast = dy.contiguous(), dlast.contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dA_per_batch = u.new_empty(batch, dim, n_state)
@@ -218,15 +216,10 @@ class _NativeSelectiveScan(torch.autograd.Function):
         args = (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), _p(dy), _p(dlast), _p(checkpoints), batch, dim, length,
                 n_state, groups, parts, _p(du), _p(ddelta), _p(dA_per_batch), _p(dB_parts), _p(dC_parts))
         _run_ranges(lib, lib.scan_backward, args, batch * groups * parts)
-        dB = dB_parts.sum(2) if parts > 1 else dB_parts[:, :, 0]
-        dC = dC_parts.sum(2) if parts > 1 else dC_parts[:, :, 0]
-        return du, ddelta, dA_per_batch.sum(0), dB.transpose(-1, -2), dC.transpose(-1, -2)
+        return assemble_grads(du, ddelta, dA_per_batch, dB_parts, dC_parts)
 
 
 def selective_scan_core_native(u, delta, A, B, C):
     """Same contract as `scan_reference.selective_scan_core_reference` (CPU tensors, float32 or float64)."""
-    if u.device.type != "cpu":
-        raise ValueError(f"the native scan runs on CPU tensors, got {u.device}")
-    if u.dtype not in _TYPES:
-        raise ValueError(f"the native scan computes in float32 or float64, got {u.dtype}")
+    check_cpu_inputs(u, "native")
     return _NativeSelectiveScan.apply(u, delta, A, B, C)

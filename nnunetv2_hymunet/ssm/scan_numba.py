@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from numba.extending import overload
 
+from nnunetv2_hymunet.ssm.blocked_scan import assemble_grads, backward_parts, check_cpu_inputs, forward_inputs
+
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # numba would pick GNU OpenMP when present, and its OpenMP pool aborts the process on fork() (DataLoader
     # workers). The workqueue layer survives fork; it must not be entered by two threads at once (see _launch_lock).
@@ -416,11 +418,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C):
         batch, dim, length = u.shape
         groups = B.shape[1]
-        Bt = B.detach().transpose(-1, -2).contiguous()  # (b, G, L, N): the N values of one step are contiguous
-        Ct = C.detach().transpose(-1, -2).contiguous()
-        u = u.detach().contiguous()
-        delta = delta.detach().contiguous()
-        A = A.detach().contiguous()
+        u, delta, A, Bt, Ct = forward_inputs(u, delta, A, B, C)
         save = any(ctx.needs_input_grad)
         n_chunks = (length + CHUNK - 1) // CHUNK if save else 1
         y = u.new_empty(batch, dim, length)
@@ -438,8 +436,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, n_state = Bt.shape[1], A.shape[1]
         group_size = dim // groups
-        # enough parts per group to keep every thread busy; each part costs one (L, N) partial buffer for dB and dC
-        parts_per_group = min(-(-group_size // BLOCK), max(1, -(-2 * _num_threads() // (batch * groups))))
+        parts_per_group = backward_parts(group_size, BLOCK, batch, groups, _num_threads())
         du = torch.empty_like(u)
         ddelta = torch.empty_like(delta)
         dA_per_batch = u.new_empty(batch, dim, n_state)
@@ -448,16 +445,10 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         _launch(_backward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), _np(dy), _np(dlast),
                 checkpoints.numpy(), group_size, CHUNK, BLOCK, parts_per_group, du.numpy(), ddelta.numpy(),
                 dA_per_batch.numpy(), dB_parts.numpy(), dC_parts.numpy())
-        dB = dB_parts.sum(2) if parts_per_group > 1 else dB_parts[:, :, 0]
-        dC = dC_parts.sum(2) if parts_per_group > 1 else dC_parts[:, :, 0]
-        dB, dC = dB.transpose(-1, -2), dC.transpose(-1, -2)
-        return du, ddelta, dA_per_batch.sum(0), dB, dC
+        return assemble_grads(du, ddelta, dA_per_batch, dB_parts, dC_parts)
 
 
 def selective_scan_core_numba(u, delta, A, B, C):
     """Same contract as `scan_reference.selective_scan_core_reference` (CPU tensors, float32 or float64)."""
-    if u.device.type != "cpu":
-        raise ValueError(f"the numba scan runs on CPU tensors, got {u.device}")
-    if u.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"the numba scan computes in float32 or float64, got {u.dtype}")
+    check_cpu_inputs(u, "numba")
     return _NumbaSelectiveScan.apply(u, delta, A, B, C)
