@@ -18,6 +18,43 @@ def forward_inputs(u, delta, A, B, C):
     return u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous(), Bt, Ct
 
 
+class BlockedScan(torch.autograd.Function):
+    """Autograd for a blocked CPU kernel, given as an object with
+    - `block`: lanes per block, and `threads()`: how many threads the kernel will use;
+    - `forward(u, delta, A, Bt, Ct, save, y, last_state)`: fills y and last_state, returns the checkpoints (its own
+      layout; only written when save);
+    - `backward(u, delta, A, Bt, Ct, checkpoints, dy, dlast, du, ddelta, dA_per_batch, dB_parts, dC_parts)`: fills the
+      gradient buffers (dB_parts, dC_parts: (batch, G, parts, L, N), one partial sum per part of a group's blocks).
+    """
+
+    @staticmethod
+    def forward(ctx, kernel, u, delta, A, B, C):
+        u, delta, A, Bt, Ct = forward_inputs(u, delta, A, B, C)
+        batch, dim, length = u.shape
+        save = any(ctx.needs_input_grad)
+        y = u.new_empty(batch, dim, length)
+        last_state = u.new_empty(batch, dim, A.shape[1])
+        checkpoints = kernel.forward(u, delta, A, Bt, Ct, save, y, last_state)
+        if save:
+            ctx.kernel = kernel
+            ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
+        return y, last_state
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
+        batch, dim, length = u.shape
+        groups, n_state = Bt.shape[1], A.shape[1]
+        parts = backward_parts(dim // groups, ctx.kernel.block, batch, groups, ctx.kernel.threads())
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dA_per_batch = u.new_empty(batch, dim, n_state)
+        dB_parts = u.new_empty(batch, groups, parts, length, n_state)
+        dC_parts = u.new_empty(batch, groups, parts, length, n_state)
+        ctx.kernel.backward(u, delta, A, Bt, Ct, checkpoints, dy.contiguous(), dlast.contiguous(), du, ddelta,
+                            dA_per_batch, dB_parts, dC_parts)
+        return (None, *assemble_grads(du, ddelta, dA_per_batch, dB_parts, dC_parts))
+
+
 def backward_parts(group_size: int, block: int, batch: int, groups: int, threads: int) -> int:
     """Parts per group for the backward: enough tasks to keep every thread busy; each part costs one (L, N) partial
     buffer for dB and dC, and a part holds at least one block."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nnunetv2_hymunet.ssm.blocked_scan import assemble_grads, backward_parts, check_cpu_inputs, forward_inputs
+from nnunetv2_hymunet.ssm.blocked_scan import BlockedScan, check_cpu_inputs
 
 SOURCE = Path(__file__).with_name("scan_native.c")
 BLOCK = 32  # lanes per block and steps per checkpoint, as in scan_native.c (checked when the library loads)
@@ -181,45 +181,34 @@ def _p(x: torch.Tensor) -> int:
     return x.data_ptr()
 
 
-class _NativeSelectiveScan(torch.autograd.Function):
+class _NativeKernel:
+    """The C kernels behind `BlockedScan`. Checkpoints: (batch, G, blocks_per_group, n_chunks, N, BLOCK)."""
+
+    block = BLOCK
+    threads = staticmethod(torch.get_num_threads)
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        batch, dim, length = u.shape
-        groups, n_state = B.shape[1], A.shape[1]
+    def forward(u, delta, A, Bt, Ct, save, y, last_state):
+        (batch, dim, length), groups, n_state = u.shape, Bt.shape[1], A.shape[1]
         blocks_per_group = -(-(dim // groups) // BLOCK)
-        u, delta, A, Bt, Ct = forward_inputs(u, delta, A, B, C)
-        save = any(ctx.needs_input_grad)
-        n_chunks = -(-length // CHUNK)
-        y = u.new_empty(batch, dim, length)
-        last_state = u.new_empty(batch, dim, n_state)
-        checkpoints = u.new_empty(batch, groups, blocks_per_group, n_chunks, n_state, BLOCK) if save else u.new_empty(0)
+        checkpoints = (u.new_empty(batch, groups, blocks_per_group, -(-length // CHUNK), n_state, BLOCK) if save
+                       else u.new_empty(0))
         lib = _kernels(u.dtype)
         args = (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), batch, dim, length, n_state, groups, int(save), _p(y),
                 _p(last_state), _p(checkpoints))
         _run_ranges(lib, lib.scan_forward, args, batch * groups * blocks_per_group)
-        if save:
-            ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
-        return y, last_state
+        return checkpoints
 
     @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
-        batch, dim, length = u.shape
-        groups, n_state = Bt.shape[1], A.shape[1]
-        parts = backward_parts(dim // groups, BLOCK, batch, groups, torch.get_num_threads())
-        dy, dlast = dy.contiguous(), dlast.contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dA_per_batch = u.new_empty(batch, dim, n_state)
-        dB_parts = u.new_empty(batch, groups, parts, length, n_state)
-        dC_parts = u.new_empty(batch, groups, parts, length, n_state)
+    def backward(u, delta, A, Bt, Ct, checkpoints, dy, dlast, du, ddelta, dA_per_batch, dB_parts, dC_parts):
+        (batch, dim, length), (groups, parts), n_state = u.shape, dB_parts.shape[1:3], A.shape[1]
         lib = _kernels(u.dtype)
         args = (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), _p(dy), _p(dlast), _p(checkpoints), batch, dim, length,
                 n_state, groups, parts, _p(du), _p(ddelta), _p(dA_per_batch), _p(dB_parts), _p(dC_parts))
         _run_ranges(lib, lib.scan_backward, args, batch * groups * parts)
-        return assemble_grads(du, ddelta, dA_per_batch, dB_parts, dC_parts)
 
 
 def selective_scan_core_native(u, delta, A, B, C):
     """Same contract as `scan_reference.selective_scan_core_reference` (CPU tensors, float32 or float64)."""
     check_cpu_inputs(u, "native")
-    return _NativeSelectiveScan.apply(u, delta, A, B, C)
+    return BlockedScan.apply(_NativeKernel, u, delta, A, B, C)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from numba.extending import overload
 
-from nnunetv2_hymunet.ssm.blocked_scan import assemble_grads, backward_parts, check_cpu_inputs, forward_inputs
+from nnunetv2_hymunet.ssm.blocked_scan import BlockedScan, check_cpu_inputs
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # numba would pick GNU OpenMP when present, and its OpenMP pool aborts the process on fork() (DataLoader
@@ -409,46 +409,29 @@ def _launch(kernel, *args):
         kernel(*args)
 
 
-def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().contiguous().numpy()
+class _NumbaKernel:
+    """The numba kernels behind `BlockedScan`. Checkpoints: (batch, dim, n_chunks, N)."""
 
+    block = BLOCK
+    threads = staticmethod(_num_threads)
 
-class _NumbaSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        batch, dim, length = u.shape
-        groups = B.shape[1]
-        u, delta, A, Bt, Ct = forward_inputs(u, delta, A, B, C)
-        save = any(ctx.needs_input_grad)
-        n_chunks = (length + CHUNK - 1) // CHUNK if save else 1
-        y = u.new_empty(batch, dim, length)
-        last_state = u.new_empty(batch, dim, A.shape[1])
-        checkpoints = u.new_empty(batch, dim, n_chunks, A.shape[1])
+    def forward(u, delta, A, Bt, Ct, save, y, last_state):
+        (batch, dim, length), groups = u.shape, Bt.shape[1]
+        checkpoints = u.new_empty(batch, dim, -(-length // CHUNK) if save else 1, A.shape[1])
         _launch(_forward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dim // groups, CHUNK,
                 BLOCK, save, y.numpy(), last_state.numpy(), checkpoints.numpy())
-        if save:
-            ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
-        return y, last_state
+        return checkpoints
 
     @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
-        batch, dim, length = u.shape
-        groups, n_state = Bt.shape[1], A.shape[1]
-        group_size = dim // groups
-        parts_per_group = backward_parts(group_size, BLOCK, batch, groups, _num_threads())
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(delta)
-        dA_per_batch = u.new_empty(batch, dim, n_state)
-        dB_parts = u.new_empty(batch, groups, parts_per_group, length, n_state)
-        dC_parts = u.new_empty(batch, groups, parts_per_group, length, n_state)
-        _launch(_backward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), _np(dy), _np(dlast),
-                checkpoints.numpy(), group_size, CHUNK, BLOCK, parts_per_group, du.numpy(), ddelta.numpy(),
+    def backward(u, delta, A, Bt, Ct, checkpoints, dy, dlast, du, ddelta, dA_per_batch, dB_parts, dC_parts):
+        dim, groups, parts = u.shape[1], dB_parts.shape[1], dB_parts.shape[2]
+        _launch(_backward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy.numpy(),
+                dlast.numpy(), checkpoints.numpy(), dim // groups, CHUNK, BLOCK, parts, du.numpy(), ddelta.numpy(),
                 dA_per_batch.numpy(), dB_parts.numpy(), dC_parts.numpy())
-        return assemble_grads(du, ddelta, dA_per_batch, dB_parts, dC_parts)
 
 
 def selective_scan_core_numba(u, delta, A, B, C):
     """Same contract as `scan_reference.selective_scan_core_reference` (CPU tensors, float32 or float64)."""
     check_cpu_inputs(u, "numba")
-    return _NumbaSelectiveScan.apply(u, delta, A, B, C)
+    return BlockedScan.apply(_NumbaKernel, u, delta, A, B, C)
