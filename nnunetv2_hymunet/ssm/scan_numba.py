@@ -196,6 +196,17 @@ def _exp_chunk(x, decays, k_scratch, scale_scratch, steps):
 
 
 @numba.njit(**_HELPER_FLAGS)
+def _chunk_scratch(like, chunk, n_state, block):
+    """The buffers `_chunk_scan` works in, in like's dtype: dt, ut (zeroed: lanes beyond a block's width stay 0), dtu,
+    x, x_in, decays, k_scratch, scale_scratch and states (zeroed: the state before the first step)."""
+    dtype = like.dtype
+    planes = [np.empty((chunk, n_state, block), dtype=dtype) for _ in range(5)]
+    return (np.zeros((chunk, block), dtype=dtype), np.zeros((chunk, block), dtype=dtype),
+            np.empty((chunk, block), dtype=dtype), planes[0], planes[1], planes[2], planes[3], planes[4],
+            np.zeros((chunk + 1, n_state, block), dtype=dtype))
+
+
+@numba.njit(**_HELPER_FLAGS)
 def _chunk_scan(u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays, k_scratch,
                 scale_scratch, states):
     """Loads the block's delta and u for steps t0..t0+steps-1 into dt, ut (and dtu = dt * u), computes the decays and
@@ -224,17 +235,9 @@ def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, block, save_checkpoi
         g = (task // blocks_per_group) % groups
         d0 = g * group_size + (task % blocks_per_group) * block
         width = min(block, (g + 1) * group_size - d0)
-        dt = np.zeros((chunk, block), dtype=u.dtype)
-        ut = np.zeros((chunk, block), dtype=u.dtype)
-        dtu = np.empty((chunk, block), dtype=u.dtype)
+        dt, ut, dtu, x, x_in, decays, k_scratch, scale_scratch, states = _chunk_scratch(u, chunk, n_state, block)
         y_block = np.empty((chunk, block), dtype=u.dtype)
         A_block = np.empty((n_state, block), dtype=u.dtype)
-        states = np.zeros((chunk + 1, n_state, block), dtype=u.dtype)
-        x = np.empty((chunk, n_state, block), dtype=u.dtype)
-        x_in = np.empty((chunk, n_state, block), dtype=u.dtype)
-        decays = np.empty((chunk, n_state, block), dtype=u.dtype)
-        k_scratch = np.empty((chunk, n_state, block), dtype=u.dtype)
-        scale_scratch = np.empty((chunk, n_state, block), dtype=u.dtype)
         _load_A(A, d0, width, A_block)
         for t0 in range(0, length, chunk):
             steps = min(chunk, length - t0)
@@ -281,19 +284,11 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
         part = task % parts_per_group
         first_block = part * blocks_per_part
         n_blocks = max(min(first_block + blocks_per_part, blocks_per_group) - first_block, 0)
-        dt = np.zeros((chunk, block), dtype=u.dtype)
-        ut = np.zeros((chunk, block), dtype=u.dtype)
-        dtu = np.empty((chunk, block), dtype=u.dtype)
+        dt, ut, dtu, x, x_in, decays, k_scratch, scale_scratch, states = _chunk_scratch(u, chunk, n_state, block)
         dyt = np.zeros((chunk, block), dtype=u.dtype)
         sum_gB = np.empty((chunk, block), dtype=u.dtype)
         sum_Agah = np.empty((chunk, block), dtype=u.dtype)
         A_block = np.empty((n_state, block), dtype=u.dtype)
-        states = np.empty((chunk + 1, n_state, block), dtype=u.dtype)
-        x = np.empty((chunk, n_state, block), dtype=u.dtype)
-        x_in = np.empty((chunk, n_state, block), dtype=u.dtype)
-        decays = np.empty((chunk, n_state, block), dtype=u.dtype)
-        k_scratch = np.empty((chunk, n_state, block), dtype=u.dtype)
-        scale_scratch = np.empty((chunk, n_state, block), dtype=u.dtype)
         dB_acc = np.empty((chunk, n_state, block), dtype=u.dtype)
         dC_acc = np.empty((chunk, n_state, block), dtype=u.dtype)
         # adjoint carried into a chunk from the future, a_{t+1} * g_{t+1} (+ dlast at the end), one plane per block
