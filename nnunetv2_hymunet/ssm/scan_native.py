@@ -68,11 +68,15 @@ def _cpu_identity() -> str:
         return platform.machine() + platform.processor()
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+
+
 def _build(dtype: torch.dtype) -> Path:
     cc = compiler()
     type_name, defines = _TYPES[dtype]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, repr((FLAGS, ATTEMPTS, defines)),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, _compiler_version(cc), repr((FLAGS, ATTEMPTS, defines)),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"scan_native_{type_name}_{key}.so"
     if target.exists():
@@ -130,10 +134,6 @@ def build_error():
     return None
 
 
-def available() -> bool:
-    return build_error() is None
-
-
 def _kernels(dtype: torch.dtype):
     lib = _library(dtype)
     if isinstance(lib, NativeBuildError):
@@ -160,11 +160,11 @@ def _run_ranges(lib, function, args, n_tasks: int):
     call when the library splits the range itself (OpenMP), else one call per range on the pool."""
     global _pool, _pool_size
     threads = max(1, min(torch.get_num_threads(), n_tasks))
-    bounds = [n_tasks * i // threads for i in range(threads + 1)]
-    ranges = [(bounds[i], bounds[i + 1]) for i in range(threads)]
     if threads == 1 or (lib.scan_openmp() and not _forked_child):
         codes = [function(*args, 0, n_tasks, threads)]
     else:
+        bounds = [n_tasks * i // threads for i in range(threads + 1)]
+        ranges = [(bounds[i], bounds[i + 1]) for i in range(threads)]
         with _pool_lock:
             if _pool is None or _pool_size < threads - 1:
                 if _pool is not None:
