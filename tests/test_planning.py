@@ -11,7 +11,7 @@ from nnunetv2_hymunet.cli import main as hymunet_main
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.planning.architecture import HYMUNET_CLASS_NAME
 from nnunetv2_hymunet.planning.plans_writer import write_hymunet_plans
-from nnunetv2_hymunet.planning.presets import bundled_presets_folder, load_preset, validate_preset
+from nnunetv2_hymunet.planning.presets import bundled_preset_names, load_preset, validate_preset
 from nnunetv2_hymunet.planning.sizing import REFERENCE_BATCH, REFERENCE_ELEMENTS, fit_batch_and_patch
 
 
@@ -30,13 +30,27 @@ def preprocessed(tmp_path, monkeypatch):
     return folder
 
 
-def test_bundled_presets_are_valid_and_documented():
-    paths = sorted(glob.glob(os.path.join(bundled_presets_folder(), "*.json")))
-    assert {os.path.basename(p) for p in paths} >= {"isic2018_2d.json", "drive_2d.json", "brats_3d_fullres.json"}
-    for path in paths:
-        preset = load_preset(path)
+def test_bundled_presets_are_valid_and_documented(tmp_path, monkeypatch):
+    names = bundled_preset_names()
+    assert set(names) >= {"isic2018_2d", "drive_2d", "brats_3d_fullres"}
+    for name in names:
+        preset = load_preset(name)
         assert preset["description"] and preset["_comment"]
     assert load_preset("isic2018_2d")["configurations"]["2d"]["patch_size"] == [256, 256]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "isic2018_2d").write_text(json.dumps({"gpu_memory_gb": 3}))  # a file of that name comes first
+    assert load_preset("isic2018_2d") == {"gpu_memory_gb": 3}
+    with pytest.raises(HyMUNetError, match="bundled: .*isic2018_2d"):
+        load_preset("isic2018")
+
+
+def test_top_level_plans_folder_is_no_second_copy():
+    # plans/ only points at the packaged presets; JSON there would drift from what the wheel ships
+    plans = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plans")
+    assert glob.glob(os.path.join(plans, "*.json")) == []
+    readme = open(os.path.join(plans, "README.md")).read()
+    for name in bundled_preset_names():
+        assert f"nnunetv2_hymunet/presets/{name}.json" in readme
 
 
 @pytest.mark.parametrize("preset, message", [

@@ -1,4 +1,4 @@
-"""Plan presets (`plans/*.json`): HyMUNet knobs, batch and patch size that override the automatic choice.
+"""Plan presets: HyMUNet knobs, batch and patch size that override the automatic choice.
 
 Layout (every key optional except as noted; `description` and `_comment` are free text for the reader):
 
@@ -13,10 +13,14 @@ Layout (every key optional except as noted; `description` and `_comment` are fre
         "2d": {"batch_size": 12, "patch_size": [256, 256], "hybrid_knobs": {...}}
       }
     }
+
+The bundled presets are package data (`nnunetv2_hymunet/presets/*.json`), read with importlib.resources so that an
+installed wheel finds them; any other preset is a JSON file given by its path.
 """
 
 import json
 import os
+from importlib import resources
 
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.planning.architecture import HYBRID_KNOBS
@@ -88,23 +92,35 @@ def validate_preset(preset, source: str) -> dict:
     return preset
 
 
+def _bundled_folder():
+    return resources.files("nnunetv2_hymunet").joinpath("presets")
+
+
+def bundled_preset_names() -> list:
+    """Names of the presets shipped in the package (`hymunet plan --preset NAME`)."""
+    return sorted(entry.name[:-len(".json")] for entry in _bundled_folder().iterdir() if entry.name.endswith(".json"))
+
+
+def _parse(text: str, source: str) -> dict:
+    try:
+        preset = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HyMUNetError(f"cannot read preset {source}: {e}") from e
+    return validate_preset(preset, source)
+
+
 def load_preset(path: str) -> dict:
-    """Read and validate a preset file; a bare name such as `isic2018_2d` is looked up in the repository's plans/."""
-    candidates = [path]
-    if not path.endswith(".json") and os.sep not in path:
-        candidates.append(os.path.join(bundled_presets_folder(), path + ".json"))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            try:
-                with open(candidate) as f:
-                    preset = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise HyMUNetError(f"cannot read preset {candidate}: {e}") from e
-            return validate_preset(preset, candidate)
-    raise HyMUNetError(f"preset not found: {path}" + (f" (also looked for {candidates[1]})" if len(candidates) > 1
-                                                      else ""))
-
-
-def bundled_presets_folder() -> str:
-    """The repository's plans/ folder (next to the package in a source checkout or editable install)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "plans")
+    """Read and validate a preset: a JSON file's path, or the name of a bundled preset such as `isic2018_2d`."""
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise HyMUNetError(f"cannot read preset {path}: {e}") from e
+        return _parse(text, path)
+    names = bundled_preset_names()
+    if path in names:
+        text = _bundled_folder().joinpath(path + ".json").read_text(encoding="utf-8")
+        return _parse(text, f"bundled preset {path}")
+    raise HyMUNetError(f"preset not found: {path!r} is neither a file nor a bundled preset "
+                       f"(bundled: {', '.join(names)})")
