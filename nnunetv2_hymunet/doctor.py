@@ -1,6 +1,5 @@
 """`hymunet doctor`: versions, the scan backend each device gets, and whether nnU-Net finds our trainers."""
 
-import importlib
 import importlib.metadata
 import os
 
@@ -26,6 +25,7 @@ def collect_report() -> dict:
 
     from nnunetv2_hymunet import __version__
     from nnunetv2_hymunet.ssm import selective_scan
+    from nnunetv2_hymunet.training.discovery import discovery_report
 
     report = {
         "nnunetv2-hymunet": __version__,
@@ -46,12 +46,7 @@ def collect_report() -> dict:
             report[f"scan backend on {device}"] = selective_scan.resolve_backend(torch.device(device))
         except Exception as e:  # a forced backend that cannot run there
             report[f"scan backend on {device}"] = f"unavailable: {e}"
-    try:
-        discovery = importlib.import_module("nnunetv2_hymunet.training.discovery")
-    except ModuleNotFoundError:
-        report["nnU-Net trainer discovery"] = "not wired in this version"
-    else:
-        report.update(discovery.discovery_report())
+    report.update(discovery_report())
     return report
 
 

@@ -24,7 +24,9 @@ class Mamba(nn.Module):
     """Selective state-space mixer; input and output (batch, L, d_model).
 
     Same constructor, parameter names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), shapes and
-    initialisation rules as mamba_ssm.modules.mamba_simple.Mamba (inference-cache arguments are accepted and ignored).
+    initialisation rules as mamba_ssm.modules.mamba_simple.Mamba. `use_fast_path` is accepted for signature
+    compatibility and ignored (the backend follows the tensors' device, see selective_scan); `layer_idx` is kept as an
+    attribute as in mamba_ssm, and `inference_params` of forward() is accepted and ignored (no inference cache).
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
@@ -38,13 +40,11 @@ class Mamba(nn.Module):
         self.expand = expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
-        self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
                                 padding=d_conv - 1, bias=conv_bias, **factory_kwargs)
-        self.activation = "silu"
         self.act = nn.SiLU()
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + d_state * 2, bias=False, **factory_kwargs)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
