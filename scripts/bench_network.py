@@ -77,7 +77,7 @@ def scan_flops(net, spatial, batch: int) -> int:
             tokens *= i
         for layer in stage.mamba_layers:
             assert isinstance(layer, MambaLayer)
-            m = layer.mamba
+            m = layer.mamba_modules[0]  # one per direction or shared: the same shapes
             total += batch * len(layer.directions) * tokens * m.d_inner * (7 * m.d_state + 10)
     return total
 

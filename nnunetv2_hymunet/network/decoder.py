@@ -22,7 +22,7 @@ class FusionUNetDecoder(nn.Module):
     """
 
     def __init__(self, encoder: HybridEncoder, num_classes: int, n_conv_per_stage: Sequence[int],
-                 deep_supervision: bool, fusion: str = "mgf"):
+                 deep_supervision: bool, fusion: str = "mgf", gate_norm: str = "instance"):
         super().__init__()
         self.deep_supervision = deep_supervision
         self.num_classes = num_classes
@@ -38,7 +38,7 @@ class FusionUNetDecoder(nn.Module):
             stride = encoder.strides[-s]
             transpconvs.append(transpconv_op(channels_below, channels_skip, stride, stride, bias=encoder.conv_bias))
             fusions.append(build_skip_fusion(fusion, encoder.conv_op, channels_skip, encoder.norm_op,
-                                             encoder.norm_op_kwargs, encoder.conv_bias))
+                                             encoder.norm_op_kwargs, encoder.conv_bias, gate_norm))
             stages.append(StackedConvBlocks(
                 n_conv_per_stage[s - 1], encoder.conv_op, 2 * channels_skip, channels_skip,
                 encoder.kernel_sizes[-(s + 1)], 1, encoder.conv_bias, encoder.norm_op, encoder.norm_op_kwargs,

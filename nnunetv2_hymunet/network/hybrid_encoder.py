@@ -1,5 +1,7 @@
 """The hybrid encoder: residual conv stages, with Mamba token mixers appended to the deepest stages."""
 
+import contextlib
+import hashlib
 from typing import List, Sequence
 
 import numpy as np
@@ -9,6 +11,20 @@ from dynamic_network_architectures.building_blocks.residual import StackedResidu
 from torch import nn
 
 from nnunetv2_hymunet.network.mamba_layer import MambaLayer, effective_expand
+
+
+@contextlib.contextmanager
+def rng_untouched(stage: int):
+    """Run the body on a private CPU generator state, leaving the global one as it was.
+
+    The Mamba layers are built inside it, so a network with and without them (the No-Mamba control) draws the same
+    conv weights for a given torch seed. Their own seed is derived from the current state (read, not consumed) and
+    the stage index, so a seed still makes them reproducible and different stages differ.
+    """
+    digest = hashlib.blake2b(torch.get_rng_state().numpy().tobytes() + stage.to_bytes(4, "little"), digest_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+        yield
 
 
 class HybridStage(nn.Module):
@@ -37,7 +53,7 @@ class HybridEncoder(nn.Module):
                  n_blocks_per_stage: Sequence[int], mamba_stages: Sequence[bool], conv_bias=False, norm_op=None,
                  norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None, nonlin_kwargs=None,
                  scan="cross", d_state=16, d_conv=4, expand=2, mamba_max_inner_channels=512,
-                 n_mamba_layers_per_stage=1):
+                 n_mamba_layers_per_stage=1, direction_merge="mean", dt_min=0.001, dt_max=0.1, layer_scale=None):
         super().__init__()
         n_spatial_dims = convert_conv_op_to_dim(conv_op)
         stages = []
@@ -47,8 +63,10 @@ class HybridEncoder(nn.Module):
                                            strides[s], conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                            dropout_op_kwargs, nonlin, nonlin_kwargs)
             stage_expand = effective_expand(channels, expand, mamba_max_inner_channels)
-            mamba_layers = [MambaLayer(channels, n_spatial_dims, scan, d_state, d_conv, stage_expand)
-                            for _ in range(n_mamba_layers_per_stage if mamba_stages[s] else 0)]
+            with rng_untouched(stage=s):
+                mamba_layers = [MambaLayer(channels, n_spatial_dims, scan, d_state, d_conv, stage_expand,
+                                           direction_merge, dt_min, dt_max, layer_scale)
+                                for _ in range(n_mamba_layers_per_stage if mamba_stages[s] else 0)]
             stages.append(HybridStage(blocks, mamba_layers))
             channels_in = channels
         self.stages = nn.ModuleList(stages)

@@ -1,7 +1,7 @@
 """Token mixing over a feature map with Mamba: `x + Mamba(LayerNorm(x))` along one or more scan orders."""
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.ssm import Mamba
 
 SCAN_ORDERS = ("flat", "bidir", "cross")
+DIRECTION_MERGES = ("mean", "sum", "separate")
 
 
 def scan_directions(scan: str, n_spatial_dims: int) -> List[Tuple[Tuple[int, ...], bool]]:
@@ -34,6 +35,20 @@ def scan_directions(scan: str, n_spatial_dims: int) -> List[Tuple[Tuple[int, ...
     return directions
 
 
+def check_mamba_layer_knobs(direction_merge: str, dt_min: float, dt_max: float, layer_scale: Optional[float]) -> None:
+    if direction_merge not in DIRECTION_MERGES:
+        raise HyMUNetError(f"direction_merge={direction_merge!r} is not one of {', '.join(DIRECTION_MERGES)}")
+    if not all(_is_real(v) for v in (dt_min, dt_max)) or not 0 < dt_min <= dt_max:
+        raise HyMUNetError(f"dt_min and dt_max must be numbers with 0 < dt_min <= dt_max, got {dt_min!r}, {dt_max!r}")
+    if layer_scale is not None and (not _is_real(layer_scale) or not 0 <= layer_scale < math.inf):
+        raise HyMUNetError(f"layer_scale must be None or a finite number >= 0, got {layer_scale!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def effective_expand(channels: int, expand: float, max_inner_channels: int) -> float:
     """Mamba's expansion at `channels`, capped so that d_inner = expand * channels stays <= max(channels, cap)."""
     if max_inner_channels is None:
@@ -44,20 +59,42 @@ def effective_expand(channels: int, expand: float, max_inner_channels: int) -> f
 class MambaLayer(nn.Module):
     """Residual Mamba token mixer on a (batch, C, *spatial) feature map; output has the input's shape and dtype.
 
-    Tokens are the feature map's voxels. All scan directions go through one Mamba (the sequences are stacked on the
-    batch axis) and their outputs, mapped back to voxel order, are averaged. LayerNorm, Mamba and the residual sum
-    run in float32 with autocast off (the selective scan is unstable in half precision), then the result is cast back
-    to the caller's dtype.
+    Tokens are the feature map's voxels; out = x + gamma * merge_d(Mamba_d(LayerNorm(x)) read along direction d).
+    direction_merge: "mean" / "sum": all directions share one Mamba (the sequences are stacked on the batch axis)
+    and their outputs, mapped back to voxel order, are averaged / summed; "separate": each direction has its own Mamba
+    (own A, delta, D and projections, as VM-UNet's SS2D), outputs averaged (same output scale at init as "mean").
+    dt_min / dt_max: the range of Mamba's initial step sizes (the scan's initial reach). layer_scale: None (gamma = 1,
+    no parameter) or the initial value of a learnable per-channel gamma. LayerNorm, Mamba and the residual sum run in
+    float32 with autocast off (the selective scan is unstable in half precision), then the result is cast back to the
+    caller's dtype.
     """
 
     def __init__(self, channels: int, n_spatial_dims: int, scan: str = "cross", d_state: int = 16, d_conv: int = 4,
-                 expand: float = 2):
+                 expand: float = 2, direction_merge: str = "mean", dt_min: float = 0.001, dt_max: float = 0.1,
+                 layer_scale: Optional[float] = None):
         super().__init__()
+        check_mamba_layer_knobs(direction_merge, dt_min, dt_max, layer_scale)
         self.channels = channels
         self.scan = scan
+        self.direction_merge = direction_merge
         self.directions = scan_directions(scan, n_spatial_dims)
         self.norm = nn.LayerNorm(channels)
-        self.mamba = Mamba(d_model=channels, d_state=d_state, d_conv=d_conv, expand=expand)
+        mamba_kwargs = dict(d_model=channels, d_state=d_state, d_conv=d_conv, expand=expand, dt_min=dt_min,
+                            dt_max=dt_max)
+        if direction_merge == "separate":
+            self.mambas = nn.ModuleList([Mamba(**mamba_kwargs) for _ in self.directions])
+        else:
+            self.mamba = Mamba(**mamba_kwargs)
+        if layer_scale is None:
+            self.register_parameter("layer_scale", None)
+        else:
+            self.layer_scale = nn.Parameter(torch.full((channels,), float(layer_scale)))
+            self.layer_scale._no_weight_decay = True
+
+    @property
+    def mamba_modules(self) -> List[Mamba]:
+        """The Mamba of each direction (one shared module unless direction_merge is "separate")."""
+        return list(self.mambas) if self.direction_merge == "separate" else [self.mamba]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         caller_dtype = x.dtype
@@ -69,13 +106,18 @@ class MambaLayer(nn.Module):
             normed = self.norm(x_c.flatten(2).transpose(1, 2))  # (batch, L, C), raster order
             normed_map = normed.transpose(1, 2).reshape(batch, channels, *spatial)
             sequences = [self._to_sequence(normed_map, perm, rev) for perm, rev in self.directions]
-            mixed = self.mamba(torch.cat(sequences, 0) if len(sequences) > 1 else sequences[0])
+            if self.direction_merge == "separate":
+                mixed = [mamba(seq) for mamba, seq in zip(self.mambas, sequences)]
+            else:
+                mixed = self.mamba(torch.cat(sequences, 0) if len(sequences) > 1 else sequences[0]).split(batch, 0)
             merged = None
-            for (perm, rev), seq in zip(self.directions, mixed.split(batch, 0)):
+            for (perm, rev), seq in zip(self.directions, mixed):
                 back = self._from_sequence(seq, perm, rev, spatial)
                 merged = back if merged is None else merged + back
-            if len(self.directions) > 1:
+            if len(self.directions) > 1 and self.direction_merge != "sum":
                 merged = merged / len(self.directions)
+            if self.layer_scale is not None:
+                merged = merged * self.layer_scale.to(compute_dtype)  # (batch, *spatial, C): per channel
             out = x_c + merged.reshape(batch, n_tokens, channels).transpose(1, 2).reshape(x_c.shape)
         return out.to(caller_dtype)
 
@@ -101,7 +143,7 @@ class MambaLayer(nn.Module):
     def feature_map_size(self, spatial_size: Sequence[int]) -> int:
         """Activations this layer keeps per sample, counted the way the DNA networks count conv outputs."""
         n_tokens = int(np.prod(spatial_size, dtype=np.int64))
-        m = self.mamba
+        m = self.mamba_modules[0]
         # outputs of the linear/conv ops, the convention of DNA's counts (norm and activation outputs not counted)
         per_sequence_token = (2 * m.d_inner  # in_proj (x and z)
                               + m.d_inner  # causal conv
