@@ -42,14 +42,24 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from nnunetv2_hymunet.fs_safety import Terminated, terminate_as_exception
+
     try:
-        result = args.func(args)
+        with terminate_as_exception():  # SIGTERM (SLURM time limit) cleans up like Ctrl-C
+            result = args.func(args)
     except HyMUNetError as e:
         print(f"hymunet {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the environment, not our code: a full disk, a folder that vanished, a permission
+        where = f": {e.filename}" if e.filename else ""
+        print(f"hymunet {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"hymunet {args.command}: interrupted; partial output removed", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"hymunet {args.command}: stopped by {e.name}; partial output removed", file=sys.stderr)
+        return 128 + e.signum
     return int(result or 0)
 
 

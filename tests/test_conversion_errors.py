@@ -110,6 +110,13 @@ def test_existing_dataset_id_needs_overwrite(isic_template, tmp_path, capsys):
     assert code == 1 and "Dataset043_SomethingElse" in err and "--overwrite" in err
     assert (old / "keep.txt").read_text() == "old"
     assert sorted(os.listdir(raw)) == ["Dataset043_SomethingElse"]
+    # --overwrite replaces only what hymunet wrote: a foreign dataset with the same id stays
+    code, err = run_cli(["convert", "isic2018", "-i", isic_template, "-d", "43", "-o", str(raw), "--overwrite"],
+                        capsys)
+    assert code == 1 and "Dataset043_SomethingElse" in err and "not written by hymunet" in err
+    assert (old / "keep.txt").read_text() == "old" and sorted(os.listdir(raw)) == ["Dataset043_SomethingElse"]
+    shutil.rmtree(old)
+    assert main(["convert", "isic2018", "-i", isic_template, "-d", "43", "-o", str(raw), "--name", "First"]) == 0
     assert main(["convert", "isic2018", "-i", isic_template, "-d", "43", "-o", str(raw), "--overwrite"]) == 0
     assert sorted(os.listdir(raw)) == ["Dataset043_ISIC2018"]
 

@@ -1,22 +1,5 @@
-"""Write a file under a temporary name beside the target, then rename: readers never see half a file."""
+"""Write a file under a temporary name beside the target, then rename (moved to nnunetv2_hymunet.fs_safety)."""
 
-import os
-import tempfile
+from nnunetv2_hymunet.fs_safety import atomic_write_bytes, atomic_write_text
 
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+__all__ = ["atomic_write_bytes", "atomic_write_text"]

@@ -11,10 +11,10 @@ Channels: 0 = T1 (2021 `t1`, 2023 `t1n`), 1 = T1ce (`t1ce` / `t1c`), 2 = T2 (`t2
 header (spacing, origin, direction, qform/sform) and only the voxel values and data type changed.
 """
 
+import gzip
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,6 +23,7 @@ import numpy as np
 from nnunetv2_hymunet.conversion.case_runner import Problem, describe_read_error, map_cases, raise_if_problems
 from nnunetv2_hymunet.conversion.raw_dataset import AtomicDatasetFolder, write_dataset_json, write_source_record
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import AtomicFolder, check_output_path, check_replaceable
 
 CHANNEL_NAMES = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 REGION_LABELS = {"background": 0, "whole tumor": (1, 2, 3), "tumor core": (1, 3), "enhancing tumor": (3,)}
@@ -42,6 +43,16 @@ class Release:
 
     def file_name(self, case_id: str, suffix: str) -> str:
         return f"{case_id}{self.separator}{suffix}.nii.gz"
+
+    def find_file(self, folder: str, case_id: str, suffix: str) -> tuple[str | None, Problem | None]:
+        """(path, None) for CASE_suffix.nii.gz or an uncompressed CASE_suffix.nii; (None, problem) when both exist."""
+        gzipped = os.path.join(folder, self.file_name(case_id, suffix))
+        plain = gzipped[: -len(".gz")]
+        present = [p for p in (gzipped, plain) if os.path.isfile(p)]
+        if len(present) == 2:
+            return None, Problem(plain, f"both {os.path.basename(gzipped)} and {os.path.basename(plain)} exist; "
+                                        "keep one")
+        return (present[0] if present else None), None
 
 
 RELEASES = {
@@ -97,14 +108,25 @@ def find_cases(input_dir: str, release_year: str | None) -> tuple[Release, list[
             problems.append(Problem(folder, f"case {case_id} also exists at {seen[case_id]}"))
             continue
         seen[case_id] = folder
-        images = [os.path.join(folder, release.file_name(case_id, m)) for m in release.modalities]
-        missing = [p for p in images if not os.path.isfile(p)]
-        for path in missing:
-            problems.append(Problem(path, "missing modality file"))
-        if missing:
+        found = [release.find_file(folder, case_id, m) for m in release.modalities + ("seg",)]
+        ambiguous = [problem for _, problem in found if problem is not None]
+        problems += ambiguous
+        images = [path for path, _ in found[:4]]
+        for modality, path in zip(release.modalities, images):
+            if path is None and not ambiguous:
+                problems.append(Problem(os.path.join(folder, release.file_name(case_id, modality)),
+                                        "missing modality file (.nii.gz or .nii)"))
+        if ambiguous or None in images:
             continue
-        seg = os.path.join(folder, release.file_name(case_id, "seg"))
-        labelled = os.path.isfile(seg)
+        seg = found[4][0]
+        labelled = seg is not None
+        if not labelled:
+            stray = _segmentation_lookalikes(folder, images)
+            if stray:
+                problems.append(Problem(stray[0], f"looks like a segmentation but is not named "
+                                                  f"{release.file_name(case_id, 'seg')} (or .nii); rename it, or "
+                                                  "remove it to convert the case as unlabelled"))
+                continue
         (training if labelled else test).append(case_id)
         image_folder = "imagesTr" if labelled else "imagesTs"
         cases.append((images, seg if labelled else None,
@@ -113,6 +135,22 @@ def find_cases(input_dir: str, release_year: str | None) -> tuple[Release, list[
     record = {"training": {"images": "imagesTr", "labels": "labelsTr", "cases": sorted(training)},
               "validation (no labels)": {"images": "imagesTs", "labels": None, "cases": sorted(test)}}
     return release, cases, record, problems
+
+
+def _segmentation_lookalikes(folder: str, images: list[str]) -> list[str]:
+    """Files of a case folder without a proper seg file whose name says 'seg' (e.g. _seg.mha, _Seg.nii.gz)."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if "seg" in f.lower() and os.path.join(folder, f) not in images)
+
+
+def _copy_as_nii_gz(source: str, target: str) -> None:
+    """Byte-for-byte copy of a .nii.gz; an uncompressed .nii is gzipped on the way (same header, same geometry)."""
+    if source.endswith(".gz"):
+        shutil.copyfile(source, target)
+        return
+    with open(source, "rb") as f_in, open(target, "wb") as f_out:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=f_out, mtime=0, compresslevel=1) as gz:
+            shutil.copyfileobj(f_in, gz, length=1 << 20)
 
 
 def _geometry_problem(path: str, reference_path: str, image, reference) -> str | None:
@@ -181,7 +219,7 @@ def convert_case(case: tuple, output_dir: str, release: Release) -> list[Problem
     if problems:
         return problems
     for source, target in zip(images, images_out):
-        shutil.copyfile(source, os.path.join(output_dir, target))
+        _copy_as_nii_gz(source, os.path.join(output_dir, target))
     if seg_path:
         _save_labels_like(_remap(seg_data, release.remap), loaded[-1][1], os.path.join(output_dir, seg_out))
     return []
@@ -192,7 +230,7 @@ def convert_brats(input_dir: str, output_root: str, dataset_id: int, name: str |
     """Convert a BraTS 2021 or 2023 GLI release (auto-detected from the case folder names)."""
     release, cases, record, problems = find_cases(input_dir, release_year)
     name = name or f"BraTS{release.year}"
-    atomic = AtomicDatasetFolder(output_root, dataset_id, name, overwrite)
+    atomic = AtomicDatasetFolder(output_root, dataset_id, name, overwrite, inputs={"--input": input_dir})
     with atomic as temp:
         for folder in sorted({os.path.dirname(p) for c in cases for p in c[2] + [c[3]] if p is not None}):
             os.makedirs(os.path.join(temp, folder), exist_ok=True)
@@ -208,6 +246,10 @@ def convert_brats(input_dir: str, output_root: str, dataset_id: int, name: str |
             converted_by=f"hymunet convert brats (release {release.year})", brats_release=release.year,
             release_label_map={str(k): v for k, v in release.remap.items()})
         write_source_record(temp, "brats", input_dir, record, release=release.year)
+    unlabelled = record["validation (no labels)"]["cases"]
+    if unlabelled:
+        print(f"note: {len(unlabelled)} case(s) without a segmentation went to imagesTs as unlabelled test cases: "
+              f"{', '.join(unlabelled[:5])}{' ...' if len(unlabelled) > 5 else ''}")
     return atomic.target
 
 
@@ -244,25 +286,12 @@ def convert_brats_back(pred_dir: str, output_dir: str, release_year: str, overwr
         raise HyMUNetError(f"--release must be one of {', '.join(RELEASES)}, got {release_year!r}")
     release = RELEASES[release_year]
     sources = find_predictions(pred_dir)
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)) and not overwrite:
-        raise HyMUNetError(f"--output {output_dir} exists and is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
-    try:
+    inputs = {"--input": pred_dir}
+    output_dir = check_output_path(output_dir, "--output", inputs)
+    check_replaceable(output_dir, "--output", inputs, overwrite)
+    with AtomicFolder(output_dir, "convert brats-back") as temp:
         cases = [(s, os.path.join(temp, os.path.basename(s))) for s in sources]
         results = map_cases(partial(convert_prediction_back, release=release), cases, num_workers,
                             f"BraTS {release.year} labels")
         raise_if_problems([p for r in results for p in r], f"the predictions in {pred_dir}")
-        os.chmod(temp, 0o755)
-        if os.path.lexists(output_dir):
-            if os.path.isdir(output_dir) and not os.path.islink(output_dir):
-                shutil.rmtree(output_dir)
-            else:
-                os.remove(output_dir)
-        os.replace(temp, output_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return output_dir

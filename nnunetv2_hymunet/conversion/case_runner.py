@@ -12,6 +12,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 from tqdm import tqdm
 
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import default_signals_in_worker
 
 
 class Problem(NamedTuple):
@@ -39,7 +40,8 @@ def map_cases(case_function: Callable, cases: Sequence, num_workers: int, descri
     progress = dict(total=len(cases), desc=description, unit="case", leave=False)
     if num_workers == 1:
         return [case_function(case) for case in tqdm(cases, **progress)]
-    with multiprocessing.Pool(num_workers) as pool:
+    # workers leave SIGTERM to the parent, which stops them and removes the temporary folder
+    with multiprocessing.Pool(num_workers, initializer=default_signals_in_worker) as pool:
         return list(tqdm(pool.imap(case_function, cases, chunksize=1), **progress))
 
 

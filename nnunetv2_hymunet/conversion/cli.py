@@ -4,6 +4,9 @@ Heavy imports happen inside the handlers so that `hymunet --help` stays fast.
 """
 
 import argparse
+import os
+
+from nnunetv2_hymunet.errors import HyMUNetError
 
 SHAPE_HELP = "volume shape as X,Y,Z voxels"
 
@@ -15,16 +18,22 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser, default_name: str) -
     parser.add_argument("--output", "-o", default=None,
                         help="nnU-Net raw folder to write DatasetNNN_NAME into (default: $nnUNet_raw)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing dataset with the same id (otherwise that is an error)")
+                        help="replace an existing dataset with the same id that hymunet converted (otherwise that is "
+                             "an error; a dataset hymunet did not write is never replaced)")
     parser.add_argument("--num-workers", "-np", type=int, default=1,
                         help="worker processes (output is byte-identical to a serial run; default 1)")
 
 
-def _run_isic2018(args) -> int:
-    from nnunetv2_hymunet.conversion.isic2018 import convert_isic2018
+def _output_root(args) -> str:
     from nnunetv2_hymunet.conversion.raw_dataset import resolve_output_root
 
-    target = convert_isic2018(args.input, resolve_output_root(args.output), args.dataset_id, args.name or "ISIC2018",
+    return resolve_output_root(args.output, {"--input": args.input})
+
+
+def _run_isic2018(args) -> int:
+    from nnunetv2_hymunet.conversion.isic2018 import convert_isic2018
+
+    target = convert_isic2018(args.input, _output_root(args), args.dataset_id, args.name or "ISIC2018",
                               args.overwrite, args.num_workers, args.split_file)
     print(f"wrote {target}")
     return 0
@@ -32,9 +41,8 @@ def _run_isic2018(args) -> int:
 
 def _run_drive(args) -> int:
     from nnunetv2_hymunet.conversion.drive import convert_drive
-    from nnunetv2_hymunet.conversion.raw_dataset import resolve_output_root
 
-    target = convert_drive(args.input, resolve_output_root(args.output), args.dataset_id, args.name or "DRIVE",
+    target = convert_drive(args.input, _output_root(args), args.dataset_id, args.name or "DRIVE",
                            args.overwrite, args.num_workers, args.fov_mode)
     print(f"wrote {target}")
     return 0
@@ -42,9 +50,8 @@ def _run_drive(args) -> int:
 
 def _run_brats(args) -> int:
     from nnunetv2_hymunet.conversion.brats import convert_brats
-    from nnunetv2_hymunet.conversion.raw_dataset import resolve_output_root
 
-    target = convert_brats(args.input, resolve_output_root(args.output), args.dataset_id, args.name,
+    target = convert_brats(args.input, _output_root(args), args.dataset_id, args.name,
                            args.overwrite, args.num_workers, args.release)
     print(f"wrote {target}")
     return 0
@@ -70,15 +77,22 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 def _run_make_fake(args) -> int:
     from nnunetv2_hymunet.conversion import fake_releases
+    from nnunetv2_hymunet.fs_safety import AtomicFolder, check_output_path
 
-    if args.release_name == "isic2018":
-        out = fake_releases.make_fake_isic2018(args.dir, args.num_cases or 10, args.seed, args.image_size)
-    elif args.release_name == "drive":
-        out = fake_releases.make_fake_drive(args.dir, args.num_cases or 20, args.seed, args.scale,
-                                            args.with_test_manual)
-    else:
-        out = fake_releases.make_fake_brats(args.dir, args.release, args.num_cases or 4, args.seed, args.shape,
-                                            args.num_unlabelled)
+    out = check_output_path(args.dir, "DIR")
+    if os.path.isdir(out) and os.listdir(out):
+        raise HyMUNetError(f"DIR {out} exists and is not empty; choose a new folder for the fake release")
+    # written into a temporary folder and renamed at the end, like every other output
+    with AtomicFolder(out, f"convert make-fake {args.release_name}") as temp:
+        if args.release_name == "isic2018":
+            fake_releases.make_fake_isic2018(temp, 10 if args.num_cases is None else args.num_cases, args.seed,
+                                             args.image_size)
+        elif args.release_name == "drive":
+            fake_releases.make_fake_drive(temp, 20 if args.num_cases is None else args.num_cases, args.seed,
+                                          args.scale, args.with_test_manual)
+        else:
+            fake_releases.make_fake_brats(temp, args.release, 4 if args.num_cases is None else args.num_cases,
+                                          args.seed, args.shape, args.num_unlabelled)
     print(f"wrote a fake {args.release_name} release to {out}")
     return 0
 
@@ -127,9 +141,11 @@ def add_subparsers(subparsers) -> None:
         description="Converts every *.nii.gz in --input (labels 1 NCR, 2 ED, 3 ET) to the release labels "
                     "(2021: ET = 4; 2023: unchanged), keeping file names and geometry.")
     back.add_argument("--input", "-i", required=True, help="folder of nnU-Net predictions")
-    back.add_argument("--output", "-o", required=True, help="folder to write (must be new or empty)")
+    back.add_argument("--output", "-o", required=True,
+                      help="folder to write (new or empty; must not be or contain --input)")
     back.add_argument("--release", choices=("2021", "2023"), required=True, help="label convention to write")
-    back.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    back.add_argument("--overwrite", action="store_true",
+                      help="replace an --output folder that an earlier brats-back wrote (never any other folder)")
     back.add_argument("--num-workers", "-np", type=int, default=1, help="worker processes (default 1)")
     back.set_defaults(func=_run_brats_back)
 

@@ -117,7 +117,7 @@ def convert_drive(input_dir: str, output_root: str, dataset_id: int, name: str =
     if fov_mode not in FOV_MODES:
         raise HyMUNetError(f"--fov-mode must be one of {', '.join(FOV_MODES)}, got {fov_mode!r}")
     cases, record, problems = find_cases(input_dir)
-    atomic = AtomicDatasetFolder(output_root, dataset_id, name, overwrite)
+    atomic = AtomicDatasetFolder(output_root, dataset_id, name, overwrite, inputs={"--input": input_dir})
     with atomic as temp:
         for folder in sorted({os.path.dirname(p) for c in cases for p in c[3:] if p is not None}):
             os.makedirs(os.path.join(temp, folder), exist_ok=True)

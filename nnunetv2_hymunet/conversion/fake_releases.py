@@ -5,6 +5,7 @@ or derived from scikit-image's bundled CC0 fundus photograph (DRIVE); none of th
 """
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -13,13 +14,19 @@ from scipy import ndimage
 
 from nnunetv2_hymunet.conversion.synthetic import make_isic_like_case
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import OWNER_FILE  # AtomicFolder's record in the folder being filled
 
 FAKE_NOTICE = "Synthetic data written by `hymunet convert make-fake`; not part of any real release.\n"
 DRIVE_SIZE = (584, 565)  # (height, width) of every DRIVE image
 
 
+def _check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or seed < 0:
+        raise HyMUNetError(f"make-fake: --seed must be a non-negative integer, got {seed}")
+
+
 def _prepare_empty_folder(path: str) -> None:
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    if os.path.exists(path) and (not os.path.isdir(path) or set(os.listdir(path)) - {OWNER_FILE}):
         raise HyMUNetError(f"{path} exists and is not an empty folder; choose a new folder for the fake release")
     os.makedirs(path, exist_ok=True)
 
@@ -33,8 +40,9 @@ def _write_notices(folder: str) -> None:
 def make_fake_isic2018(out_dir: str, num_cases: int = 10, seed: int = 0, image_size: int = 128,
                        num_validation: int | None = None, num_test: int | None = None) -> str:
     """Training, Validation and Test folders with ground truth; images are landscape, heights in [0.75, 1] x size."""
-    if num_cases < 1 or image_size < 16:
-        raise HyMUNetError("make-fake isic2018 needs --num-cases >= 1 and --image-size >= 16")
+    if num_cases < 1 or not 16 <= image_size <= 4096:
+        raise HyMUNetError("make-fake isic2018 needs --num-cases >= 1 and --image-size in 16..4096")
+    _check_seed(seed)
     _prepare_empty_folder(out_dir)
     rng = np.random.default_rng(seed)
     counts = {"Training": num_cases,
@@ -106,6 +114,9 @@ def make_fake_drive(out_dir: str, num_cases: int = 20, seed: int = 0, scale: flo
     if not 1 <= num_cases <= 20:
         raise HyMUNetError(f"make-fake drive: --num-cases must be 1..20 per split (DRIVE numbers its images 01-40), "
                            f"got {num_cases}")
+    if not (math.isfinite(scale) and 0 < scale <= 4):
+        raise HyMUNetError(f"make-fake drive: --scale must be in (0, 4], got {scale}")
+    _check_seed(seed)
     height, width = int(round(DRIVE_SIZE[0] * scale)), int(round(DRIVE_SIZE[1] * scale))
     if min(height, width) < 32:
         raise HyMUNetError(f"make-fake drive: --scale {scale} gives {width}x{height} images; use at least 32 px")
@@ -168,8 +179,11 @@ def make_fake_brats(out_dir: str, release: str = "2021", num_cases: int = 4, see
 
     if release not in _BRATS_LAYOUTS:
         raise HyMUNetError(f"make-fake brats: --release must be 2021 or 2023, got {release!r}")
-    if num_cases < 1 or min(shape) < 8:
-        raise HyMUNetError("make-fake brats needs --num-cases >= 1 and a --shape of at least 8 voxels per axis")
+    if num_cases < 1 or min(shape) < 8 or max(shape) > 512:
+        raise HyMUNetError("make-fake brats needs --num-cases >= 1 and a --shape of 8..512 voxels per axis")
+    if num_unlabelled < 0:
+        raise HyMUNetError(f"make-fake brats: --num-unlabelled must be >= 0, got {num_unlabelled}")
+    _check_seed(seed)
     train_folder, val_folder, id_format, modalities, separator, labels = _BRATS_LAYOUTS[release]
     _prepare_empty_folder(out_dir)
     rng = np.random.default_rng(seed)

@@ -5,12 +5,12 @@ imagesTs, with labelsTs for the splits whose ground-truth folder is present. JPE
 reader takes no JPEG), masks 0/255 become 0/1. Case identifiers are the ISIC ids (`ISIC_0000000`).
 """
 
+import json
 import os
 import re
 from functools import partial
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import save_json
 
 from nnunetv2_hymunet.conversion.case_runner import (
     Problem,
@@ -30,6 +30,7 @@ from nnunetv2_hymunet.conversion.image_files import (
 from nnunetv2_hymunet.conversion.raw_dataset import AtomicDatasetFolder, write_dataset_json, write_source_record
 from nnunetv2_hymunet.conversion.splits import read_split_file, splits_destination
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import StagedFile
 
 # (split, image folder, ground-truth folder, nnU-Net image folder, nnU-Net label folder)
 RELEASE_SPLITS = (
@@ -121,30 +122,41 @@ def convert_isic2018(input_dir: str, output_root: str, dataset_id: int, name: st
     folds = None
     if split_file is not None and not problems:
         folds = read_split_file(split_file, training_ids, id_prefix="ISIC_")
-    atomic = AtomicDatasetFolder(output_root, dataset_id, name, overwrite)
+    atomic = AtomicDatasetFolder(output_root, dataset_id, name, overwrite,
+                                 inputs={"--input": input_dir, "--split-file": split_file})
     splits_path, in_preprocessed = splits_destination(atomic.folder_name, atomic.target)
     if folds is not None and in_preprocessed and os.path.isfile(splits_path) and not overwrite:
         raise HyMUNetError(f"{splits_path} already exists; pass --overwrite to replace it")
 
-    with atomic as temp:
-        for folder in sorted({os.path.dirname(p) for c in cases for p in (c[2], c[3]) if p is not None}):
-            os.makedirs(os.path.join(temp, folder), exist_ok=True)
-        results = map_cases(partial(convert_case, output_dir=temp), cases, num_workers, "ISIC 2018")
-        raise_if_problems(problems + [p for r in results for p in r], f"the ISIC 2018 input {input_dir}")
-        write_dataset_json(
-            temp, {"0": "R", "1": "G", "2": "B"}, {"background": 0, "lesion": 1}, len(training_ids), ".png",
-            dataset_name=atomic.folder_name, description="ISIC 2018 Task 1 lesion boundary segmentation",
-            reference="https://challenge.isic-archive.com/landing/2018/45/",
-            license="CC BY-NC 4.0 (ISIC archive); check the terms of your download",
-            converted_by="hymunet convert isic2018")
-        write_source_record(temp, "isic2018", input_dir, record)
-        if folds is not None and not in_preprocessed:
-            save_json(folds, os.path.join(temp, "splits_final.json"), sort_keys=False)
+    # both or neither: the splits file is written (under a temporary name) before the dataset is committed, so an
+    # unwritable $nnUNet_preprocessed stops the run before anything is in place
+    splits_json = json.dumps(folds, indent=4).encode() if folds is not None else None
+    staged = StagedFile(splits_path, splits_json, "--split-file (written to $nnUNet_preprocessed)") \
+        if splits_json is not None and in_preprocessed else None
+    try:
+        with atomic as temp:
+            for folder in sorted({os.path.dirname(p) for c in cases for p in (c[2], c[3]) if p is not None}):
+                os.makedirs(os.path.join(temp, folder), exist_ok=True)
+            results = map_cases(partial(convert_case, output_dir=temp), cases, num_workers, "ISIC 2018")
+            raise_if_problems(problems + [p for r in results for p in r], f"the ISIC 2018 input {input_dir}")
+            write_dataset_json(
+                temp, {"0": "R", "1": "G", "2": "B"}, {"background": 0, "lesion": 1}, len(training_ids), ".png",
+                dataset_name=atomic.folder_name, description="ISIC 2018 Task 1 lesion boundary segmentation",
+                reference="https://challenge.isic-archive.com/landing/2018/45/",
+                license="CC BY-NC 4.0 (ISIC archive); check the terms of your download",
+                converted_by="hymunet convert isic2018")
+            write_source_record(temp, "isic2018", input_dir, record)
+            if splits_json is not None and not in_preprocessed:
+                with open(os.path.join(temp, "splits_final.json"), "wb") as f:
+                    f.write(splits_json)
+        if staged is not None:
+            staged.commit()
+    finally:
+        if staged is not None:
+            staged.discard()
 
     if folds is not None:
         if in_preprocessed:
-            os.makedirs(os.path.dirname(splits_path), exist_ok=True)
-            save_json(folds, splits_path, sort_keys=False)
             print(f"wrote {len(folds)} fixed folds to {splits_path}")
         else:
             print(f"wrote {len(folds)} fixed folds to {splits_path}; nnUNet_preprocessed is not set, so copy it to "

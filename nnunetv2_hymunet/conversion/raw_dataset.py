@@ -1,31 +1,36 @@
 """Where a converted dataset goes and how it gets there atomically.
 
 The dataset is built in a hidden temporary folder beside the target (same file system) and renamed into place only
-after every case converted cleanly, so a failed or interrupted run never leaves a `DatasetNNN_*` folder behind. An
-existing dataset with the same id is replaced only when the user asked for it.
+after every case converted cleanly, so a failed or interrupted run never leaves a `DatasetNNN_*` folder behind
+(fs_safety.AtomicFolder). An existing dataset with the same id is replaced only when the user asked for it and
+hymunet wrote it.
 """
 
+import json
 import os
 import re
-import shutil
-import tempfile
 from glob import glob
 
 from batchgenerators.utilities.file_and_folder_operations import save_json
 
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import AtomicFolder, check_output_path, check_replaceable
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
-def resolve_output_root(output: str | None) -> str:
-    """--output if given, else $nnUNet_raw; a clear error when neither is set."""
+def resolve_output_root(output: str | None, inputs: dict | None = None) -> str:
+    """--output if given, else $nnUNet_raw; a clear error when neither is set or it cannot be written."""
     root = output or os.environ.get("nnUNet_raw")
     if not root:
         raise HyMUNetError("no output folder: pass --output NNUNET_RAW or set the nnUNet_raw environment variable")
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise HyMUNetError(f"output {root} exists and is not a folder")
-    return os.path.abspath(root)
+    flag = "--output" if output else "$nnUNet_raw"
+    root = check_output_path(root, flag)
+    if inputs:  # the root may hold the input (a release unpacked into nnUNet_raw) but not be it
+        for input_flag, input_path in inputs.items():
+            if input_path is not None and os.path.realpath(root) == os.path.realpath(input_path):
+                raise HyMUNetError(f"{flag} {root} is the input {input_flag}; choose another output folder")
+    return root
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
@@ -41,48 +46,37 @@ def existing_datasets_with_id(root: str, dataset_id: int) -> list[str]:
     return sorted(p for p in glob(os.path.join(root, f"Dataset{dataset_id:03d}_*")) if os.path.isdir(p))
 
 
-class AtomicDatasetFolder:
+def is_converted_dataset(folder: str) -> bool:
+    """A dataset an earlier hymunet version converted (before the output marker existed)."""
+    try:
+        with open(os.path.join(folder, "dataset.json")) as f:
+            return str(json.load(f).get("converted_by", "")).startswith("hymunet ")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class AtomicDatasetFolder(AtomicFolder):
     """Context manager: yields a temporary folder to fill; on clean exit it becomes `root/DatasetNNN_NAME`.
 
-    Any exception (including a `HyMUNetError` for bad input, or Ctrl-C) removes the temporary folder, and the root
-    too when this run created it and it is still empty.
+    An existing dataset with the same id (any name) is replaced only with `overwrite`, only when hymunet wrote it, and
+    never when it is or holds one of `inputs` ({flag: path}). Any exception (a `HyMUNetError` for bad input, Ctrl-C,
+    SIGTERM) removes the temporary folder, and the root too when this run created it.
     """
 
-    def __init__(self, root: str, dataset_id: int, name: str, overwrite: bool):
+    def __init__(self, root: str, dataset_id: int, name: str, overwrite: bool, inputs: dict | None = None,
+                 command: str = "convert"):
         self.root = root
         self.folder_name = dataset_folder_name(dataset_id, name)
-        self.target = os.path.join(root, self.folder_name)
-        self.existing = existing_datasets_with_id(root, dataset_id) if os.path.isdir(root) else []
-        if self.existing and not overwrite:
-            names = ", ".join(os.path.basename(p) for p in self.existing)
+        existing = existing_datasets_with_id(root, dataset_id) if os.path.isdir(root) else []
+        if existing and not overwrite:
+            names = ", ".join(os.path.basename(p) for p in existing)
             raise HyMUNetError(
                 f"dataset id {dataset_id} already exists in {root} ({names}); pass --overwrite to replace it"
             )
-        self._created_root = False
-        self.temp = None
-
-    def __enter__(self) -> str:
-        if not os.path.isdir(self.root):
-            os.makedirs(self.root)
-            self._created_root = True
-        self.temp = tempfile.mkdtemp(prefix=f".{self.folder_name}.partial-", dir=self.root)
-        return self.temp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
-            if self._created_root and not os.listdir(self.root):
-                os.rmdir(self.root)
-            return False
-        os.chmod(self.temp, 0o755)  # mkdtemp makes it 0700
-        # move replaced datasets aside first so the new one is in place before anything is deleted
-        trash = [tempfile.mkdtemp(prefix=f".{os.path.basename(p)}.replaced-", dir=self.root) for p in self.existing]
-        for old, bin_folder in zip(self.existing, trash):
-            os.replace(old, os.path.join(bin_folder, "old"))
-        os.replace(self.temp, self.target)
-        for bin_folder in trash:
-            shutil.rmtree(bin_folder, ignore_errors=True)
-        return False
+        for folder in existing:
+            check_replaceable(folder, "--overwrite", inputs or {}, overwrite, recognise=is_converted_dataset)
+        super().__init__(os.path.join(root, self.folder_name), command, replaces=existing)
+        self.existing = existing
 
 
 def write_dataset_json(folder: str, channel_names: dict, labels: dict, num_training: int, file_ending: str,

@@ -26,42 +26,54 @@ def _normalise_id(raw: str, id_prefix: str | None) -> str:
     return raw
 
 
+def _read_text(path: str) -> str:
+    """The file as text; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped, a binary file is an error."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise HyMUNetError(f"--split-file {path} is not a UTF-8 text file (a binary file?)") from None
+    except OSError as e:
+        raise HyMUNetError(f"--split-file {path} cannot be read: {e.strerror or e}") from None
+    if "\x00" in text:
+        raise HyMUNetError(f"--split-file {path} is not a text file (it contains NUL bytes)")
+    return text
+
+
 def _folds_from_table(path: str, id_prefix: str | None) -> tuple[dict[str, int], list[str]]:
     assignment: dict[str, int] = {}
     problems = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = [x for x in _SEPARATORS.split(line) if x]
+        if len(fields) != 2:
+            problems.append(f"line {line_number}: expected 'id,fold', got {line!r}")
+            continue
+        case_id, fold = _normalise_id(fields[0], id_prefix), fields[1].strip().strip('"')
+        if not fold.lstrip("-").isdigit():
+            if not assignment and not problems:  # a header line
                 continue
-            fields = [x for x in _SEPARATORS.split(line) if x]
-            if len(fields) != 2:
-                problems.append(f"line {line_number}: expected 'id,fold', got {line!r}")
-                continue
-            case_id, fold = _normalise_id(fields[0], id_prefix), fields[1].strip().strip('"')
-            if not fold.lstrip("-").isdigit():
-                if not assignment and not problems:  # a header line
-                    continue
-                problems.append(f"line {line_number}: fold {fold!r} is not an integer")
-                continue
-            if case_id in assignment:
-                problems.append(f"line {line_number}: {case_id} is listed twice")
-                continue
-            assignment[case_id] = int(fold)
+            problems.append(f"line {line_number}: fold {fold!r} is not an integer")
+            continue
+        if case_id in assignment:
+            problems.append(f"line {line_number}: {case_id} is listed twice")
+            continue
+        assignment[case_id] = int(fold)
     return assignment, problems
 
 
 def _folds_from_json(path: str, id_prefix: str | None) -> tuple[list[dict], list[str]]:
     try:
-        with open(path) as f:
-            content = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise HyMUNetError(f"split file {path} cannot be read as JSON ({e})") from e
+        content = json.loads(_read_text(path))
+    except ValueError as e:
+        raise HyMUNetError(f"--split-file {path} cannot be read as JSON ({e})") from None
     if not isinstance(content, list) or not all(
         isinstance(fold, dict) and isinstance(fold.get("train"), list) and isinstance(fold.get("val"), list)
         for fold in content
     ):
-        raise HyMUNetError(f"split file {path}: expected a JSON list of {{\"train\": [...], \"val\": [...]}} folds")
+        raise HyMUNetError(f"--split-file {path}: expected a JSON list of {{\"train\": [...], \"val\": [...]}} folds")
     folds = [{key: [_normalise_id(str(i), id_prefix) for i in fold[key]] for key in ("train", "val")}
              for fold in content]
     return folds, []
@@ -69,8 +81,10 @@ def _folds_from_json(path: str, id_prefix: str | None) -> tuple[list[dict], list
 
 def read_split_file(path: str, training_ids: list[str], id_prefix: str | None = None) -> list[dict]:
     """Parse and check a split file against the converted training cases; returns nnU-Net folds (sorted ids)."""
+    if not os.path.exists(path):
+        raise HyMUNetError(f"--split-file {path} does not exist")
     if not os.path.isfile(path):
-        raise HyMUNetError(f"split file {path} does not exist")
+        raise HyMUNetError(f"--split-file {path} is not a file")
     known = set(training_ids)
     if path.lower().endswith(".json"):
         folds, problems = _folds_from_json(path, id_prefix)
@@ -109,7 +123,7 @@ def read_split_file(path: str, training_ids: list[str], id_prefix: str | None = 
     if not problems and len(folds) < 2:
         problems.append(f"need at least 2 folds, got {len(folds)}")
     if problems:
-        raise HyMUNetError(f"split file {path} does not match the training cases:\n" +
+        raise HyMUNetError(f"--split-file {path} does not match the training cases:\n" +
                            "\n".join(f"  {p}" for p in problems))
     return [{"train": sorted(fold["train"]), "val": sorted(fold["val"])} for fold in folds]
 
