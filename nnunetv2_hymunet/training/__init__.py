@@ -18,6 +18,7 @@ from nnunetv2_hymunet.training.variants import (
     nnUNetTrainerHyMUNet_cross,
     nnUNetTrainerHyMUNet_demo,
     nnUNetTrainerHyMUNet_flat,
+    nnUNetTrainerHyMUNet_nnUNetSGD,
     nnUNetTrainerHyMUNet_noMamba,
     nnUNetTrainerHyMUNet_noMGF,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "nnUNetTrainerHyMUNet",
     "nnUNetTrainerHyMUNet_noMGF",
     "nnUNetTrainerHyMUNet_noMamba",
+    "nnUNetTrainerHyMUNet_nnUNetSGD",
     "nnUNetTrainerHyMUNet_flat",
     "nnUNetTrainerHyMUNet_bidir",
     "nnUNetTrainerHyMUNet_cross",

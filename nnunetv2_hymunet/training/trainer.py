@@ -7,22 +7,37 @@ validation, checkpoints. Variants are tiny subclasses that set two class attribu
   plans already describe HyMUNet (`hymunet plan`), otherwise from HyMUNet's defaults.
 - `schedule`: trainer attributes set after nnU-Net's defaults (num_epochs, num_iterations_per_epoch, ...).
 
+The optimiser is part of the model: `configure_optimizers` keeps nnU-Net's SGD recipe for the CNN and gives the Mamba
+layers AdamW with a warm-up and no weight decay on A_log, D, dt_proj's bias, norms and biases (training/optimization.py
+says why). `nnUNetTrainerHyMUNet_nnUNetSGD` keeps nnU-Net's single SGD for comparison. Every trainer logs, per epoch
+and parameter group, the gradient norm and the update ratio ||w_end - w_start|| / ||w_start|| (training log and
+progress_param_groups.png next to progress.png).
+
 `build_network_architecture` is a classmethod so that a variant's knobs reach it both when the trainer builds its
 network and when nnU-Net's predictor calls it on the class (its signature, seen from the class, still starts with
 `plans_manager`, which is how nnU-Net 2.7+ recognises the new calling convention).
 """
 
+import math
 import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_hymunet.planning.architecture import build_hymunet
+from nnunetv2_hymunet.training import diagnostics
+from nnunetv2_hymunet.training.optimization import GroupPolyLRScheduler, HybridOptimizer, split_parameters
 
 
 class nnUNetTrainerHyMUNet(nnUNetTrainer):
     hybrid_knobs: dict = {}
     schedule: dict = {}
+    # The Mamba layers' recipe (the CNN keeps nnU-Net's initial_lr / weight_decay / SGD with Nesterov momentum 0.99).
+    mamba_optimizer: str = "adamw"  # "adamw", or "sgd" for nnU-Net's single SGD recipe over every parameter
+    mamba_lr: float = 1e-3
+    mamba_weight_decay: float = 1e-2
+    mamba_betas: tuple = (0.9, 0.999)
+    mamba_warmup_fraction: float = 0.02  # linear warm-up over this fraction of the epochs (at least one epoch)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -41,6 +56,51 @@ class nnUNetTrainerHyMUNet(nnUNetTrainer):
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         return build_hymunet(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision,
                              knob_overrides=cls.hybrid_knobs)
+
+    def mamba_warmup_epochs(self) -> int:
+        return max(1, math.ceil(self.mamba_warmup_fraction * self.num_epochs)) if self.mamba_warmup_fraction else 0
+
+    def optimizer_param_groups(self) -> list:
+        """The HybridOptimizer groups: the CNN with nnU-Net's SGD, the Mamba layers with AdamW (decay / no decay)."""
+        split = split_parameters(self.network)
+        groups = [{"name": "cnn", "params": [p for _, p in split["cnn"]], "algorithm": "sgd",
+                   "lr": self.initial_lr, "momentum": 0.99, "nesterov": True, "weight_decay": self.weight_decay}]
+        for name, weight_decay in (("mamba", self.mamba_weight_decay), ("mamba_no_decay", 0.0)):
+            if split[name]:
+                groups.append({"name": name, "params": [p for _, p in split[name]], "algorithm": "adamw",
+                               "lr": self.mamba_lr, "betas": tuple(self.mamba_betas), "eps": 1e-8,
+                               "weight_decay": weight_decay, "warmup_epochs": self.mamba_warmup_epochs()})
+        return groups
+
+    def configure_optimizers(self):
+        if self.mamba_optimizer == "sgd":
+            optimizer, lr_scheduler = super().configure_optimizers()
+        elif self.mamba_optimizer == "adamw":
+            optimizer = HybridOptimizer(self.optimizer_param_groups())
+            lr_scheduler = GroupPolyLRScheduler(optimizer, self.num_epochs)
+        else:
+            raise ValueError(f"{type(self).__name__}.mamba_optimizer={self.mamba_optimizer!r}: expected adamw or sgd")
+        self.param_group_diagnostics = diagnostics.GroupDiagnostics(self.network)
+        self.param_group_diagnostics.attach(optimizer)
+        return optimizer, lr_scheduler
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if len(self.optimizer.param_groups) > 1:
+            self.print_to_log_file("Learning rate per parameter group: " + ", ".join(
+                f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups)))
+        self.param_group_diagnostics.start_epoch()
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        entry = self.param_group_diagnostics.end_epoch()
+        history = self.logger.local_logger.my_fantastic_logging.setdefault(diagnostics.LOGGER_KEY, [])
+        while len(history) < self.current_epoch:  # resumed from a checkpoint written without these diagnostics
+            history.append(None)
+        self.logger.log(diagnostics.LOGGER_KEY, entry, self.current_epoch)
+        self.print_to_log_file(diagnostics.format_log_line(entry))
+        if self.local_rank == 0:
+            diagnostics.plot_history(history, self.output_folder)
 
     def _do_i_compile(self) -> bool:
         # torch.compile through the Mamba scan is unproven (data-dependent loops, optional CUDA extension), so it

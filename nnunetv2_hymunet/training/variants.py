@@ -37,6 +37,11 @@ class nnUNetTrainerHyMUNet_cross(nnUNetTrainerHyMUNet):
     hybrid_knobs = {"scan": "cross"}
 
 
+class nnUNetTrainerHyMUNet_nnUNetSGD(nnUNetTrainerHyMUNet):
+    """nnU-Net's single SGD over every parameter, Mamba layers included (the recipe before the Mamba group)."""
+    mamba_optimizer = "sgd"
+
+
 # --- training length, as nnU-Net's nnUNetTrainer_Xepochs ---
 
 
