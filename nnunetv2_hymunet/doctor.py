@@ -4,11 +4,11 @@ import importlib.metadata
 import os
 
 
-def _version(dist: str) -> str:
+def _version(dist: str, missing: str = "not installed") -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+        return missing
 
 
 def _native_status() -> str:
@@ -34,7 +34,7 @@ def collect_report() -> dict:
         "CUDA device visible": torch.cuda.is_available(),
         "nnunetv2": _version("nnunetv2"),
         "dynamic-network-architectures": _version("dynamic-network-architectures"),
-        "numba": _version("numba"),
+        "numba (optional CPU fallback)": _version("numba", "not installed (pip install 'nnunetv2-hymunet[numba]')"),
         "mamba-ssm": _version("mamba-ssm"),
         "causal-conv1d": _version("causal-conv1d"),
         "mamba_ssm CUDA kernel importable": selective_scan.mamba_ssm_kernel() is not None,

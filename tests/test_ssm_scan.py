@@ -169,7 +169,7 @@ def test_autocast_runs_recurrence_in_float32(backend, monkeypatch):
 
 def test_auto_backend_and_impossible_requests(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    # the C kernel wherever a compiler is found (it must then build), else numba, a project dependency
+    # the C kernel wherever a compiler is found (it must then build), else numba (installed by the test extra)
     compilers = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
     has_compiler = any(shutil.which(cc) for cc in compilers)
     assert resolve_backend(torch.device("cpu")) == ("native" if has_compiler else "numba")

@@ -4,7 +4,7 @@ The library is built once per scalar type with `-O3 -march=native` and cached un
 $HYMUNET_CACHE_DIR (default: $XDG_CACHE_HOME/nnunetv2_hymunet or ~/.cache/nnunetv2_hymunet), keyed by the source, the
 compiler, the flags and the CPU, so a home directory shared by different machines gets one build per CPU. The compiler
 is $CC, else the first of cc, gcc, clang on PATH. Where none works, `build_error()` says why and the dispatcher uses
-the numba kernel instead.
+the numba kernel instead (when the [numba] extra is installed), else the torch scan.
 
 Threads follow torch's intra-op setting (which users and nnU-Net already tune). Built with OpenMP, the library splits
 the tasks over OpenMP's pool, which is torch's own; without OpenMP the task ranges run on a small Python thread pool

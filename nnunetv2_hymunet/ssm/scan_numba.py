@@ -1,5 +1,6 @@
 """Fused CPU selective scan compiled with numba: the fallback for machines where the C kernel (scan_native.c) cannot
-be built. Same algorithm, one pass per array written (numba cannot tell LLVM that its scratch arrays do not alias).
+be built (optional: pip install 'nnunetv2-hymunet[numba]'; without it such machines use the torch scan). Same
+algorithm, one pass per array written (numba cannot tell LLVM that its scratch arrays do not alias).
 
 Channels are scanned in blocks of BLOCK that share B and C (one group). A block's state is an (N, BLOCK) plane, so
 every inner loop runs over contiguous channels and LLVM vectorises it without reductions across vector lanes (a
@@ -18,7 +19,6 @@ Every step multiplies by exp(delta * A) directly (no exp(-cumsum) closed form), 
 Kernels are compiled per dtype (float32, float64) on first use and cached on disk (cache=True).
 """
 
-import os
 import threading
 
 import numba
@@ -27,11 +27,6 @@ import torch
 from numba.extending import overload
 
 from nnunetv2_hymunet.ssm.blocked_scan import BlockedScan, check_cpu_inputs
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba would pick GNU OpenMP when present, and its OpenMP pool aborts the process on fork() (DataLoader
-    # workers). The workqueue layer survives fork; it must not be entered by two threads at once (see _launch_lock).
-    numba.config.THREADING_LAYER = "workqueue"
 
 CHUNK = 16  # steps between forward checkpoints; scratch planes are CHUNK x N x BLOCK (32 KB in float32 for N=16)
 _launch_lock = threading.Lock()  # numba's workqueue threading layer must not be entered by two threads at once
@@ -398,8 +393,23 @@ def _num_threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
+def _choose_threading_layer() -> None:
+    """Before numba's first parallel launch in this process, prefer the workqueue layer unless the user chose one.
+
+    numba would pick GNU OpenMP when present, and a child forked after that pool started (DataLoader workers) is
+    terminated ("fork() called from a process already using GNU OpenMP"). The workqueue layer survives fork; it must
+    not be entered by two threads at once (see _launch_lock). Done here, not at import, so that importing the package
+    leaves numba's configuration alone; once numba's pool runs, its layer is fixed and is left as it is.
+    """
+    from numba.np.ufunc import parallel
+
+    if numba.config.THREADING_LAYER == "default" and not getattr(parallel, "_is_initialized", False):
+        numba.config.THREADING_LAYER = "workqueue"
+
+
 def _launch(kernel, *args):
     with _launch_lock:
+        _choose_threading_layer()
         numba.set_num_threads(_num_threads())
         kernel(*args)
 

@@ -3,7 +3,8 @@
 Backends (environment variable HYMUNET_SCAN_BACKEND=auto|cuda|native|numba|torch|reference, default auto):
 - cuda: mamba_ssm's fused CUDA kernel; needs mamba_ssm's compiled extension and CUDA tensors.
 - native: the fused CPU kernel in C, compiled on first use with the system C compiler (CPU tensors).
-- numba: the same algorithm compiled by numba, for machines without a working C compiler (CPU tensors).
+- numba: the same algorithm compiled by numba, for machines without a working C compiler (CPU tensors; needs the
+  optional extra: pip install 'nnunetv2-hymunet[numba]').
 - torch: a chunked pure-PyTorch scan (any device).
 - reference: the plain sequential loop (tests and benchmarks).
 auto picks cuda for CUDA tensors when mamba_ssm imports; for CPU tensors native when it builds, else numba when numba
@@ -84,7 +85,8 @@ def resolve_backend(device: torch.device, requested: str = None) -> str:
         if device.type != "cpu":
             raise HyMUNetError(f"{ENV_VAR}=numba runs on CPU tensors only, got tensors on {device}")
         if not numba_available():
-            raise HyMUNetError(f"{ENV_VAR}=numba but numba does not import")
+            raise HyMUNetError(f"{ENV_VAR}=numba but numba does not import "
+                               "(it is an optional extra: pip install 'nnunetv2-hymunet[numba]')")
     return requested
 
 
