@@ -81,7 +81,9 @@ class Mamba(nn.Module):
     def forward(self, hidden_states, inference_params=None):
         batch, seqlen, _ = hidden_states.shape
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2*d_inner, L)
-        A = -torch.exp(self.A_log.float())
+        # the scan's parameters in its compute dtype: float32 (as mamba_ssm), float64 for a float64 module
+        scan_dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+        A = -torch.exp(self.A_log.to(scan_dtype))
         x, z = xz.chunk(2, dim=1)
         x = self._causal_conv(x)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2N)
@@ -89,6 +91,6 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, before softplus
         B = B.transpose(1, 2).contiguous()
         C = C.transpose(1, 2).contiguous()
-        y = selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+        y = selective_scan_fn(x, dt, A, B, C, self.D.to(scan_dtype), z=z, delta_bias=self.dt_proj.bias.to(scan_dtype),
                               delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
