@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from nnunetv2_hymunet.errors import HyMUNetError
 
 
@@ -12,7 +14,7 @@ def run_evaluate(args) -> int:
     try:
         policy = EmptyPolicy.from_strings(args.both_empty, args.one_empty_distance)
     except ValueError as e:
-        raise HyMUNetError(str(e)) from None
+        raise HyMUNetError(f"--one-empty-distance: {e}") from None
     result = evaluate_folders(
         args.ref,
         args.pred,
@@ -27,7 +29,10 @@ def run_evaluate(args) -> int:
         percentile=args.percentile,
         npz=args.npz,
         progress=not args.quiet,
+        ignore_geometry=args.ignore_geometry,
     )
+    for warning in result["warnings"]:
+        print(f"hymunet evaluate: warning: {warning}", file=sys.stderr)
     print(f"evaluated {len(result['per_case'])} cases; distances in {result['units']}")
     for label in result["labels"]:
         name = label["name"]
@@ -43,7 +48,12 @@ def run_evaluate(args) -> int:
 def run_compare(args) -> int:
     from nnunetv2_hymunet.evaluation.compare import compare_runs
 
-    result = compare_runs(args.runs, args.output, overlays=args.overlays, metrics=args.metrics)
+    result = compare_runs(args.runs, args.output, overlays=args.overlays, metrics=args.metrics,
+                          common_cases=args.common_cases)
+    for metric, reason in result["not_comparable"].items():
+        print(f"hymunet compare: warning: {metric} is not comparable ({reason}); no p-value for it", file=sys.stderr)
+    for note in result["notes"]:
+        print(f"hymunet compare: note: {note}", file=sys.stderr)
     print(f"compared {len(result['runs'])} runs on {len(result['labels'])} label(s); wrote {args.output}")
     return 0
 
@@ -58,7 +68,9 @@ def add_subparsers(subparsers) -> None:
     )
     p.add_argument("--ref", required=True, help="folder of reference segmentations (e.g. nnUNet_raw/DatasetX/labelsTs)")
     p.add_argument("--pred", required=True, help="folder of predictions with the same file names")
-    p.add_argument("-o", "--output", required=True, help="output folder (created; existing result files replaced)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (created; in an existing folder only files hymunet wrote are replaced; it must "
+                   "not be or contain an input)")
     p.add_argument(
         "--dataset-json",
         help="dataset.json: labels/regions, ignore label, file ending. Without it the "
@@ -111,6 +123,9 @@ def add_subparsers(subparsers) -> None:
     )
     npz.add_argument("--no-npz", dest="npz", action="store_false", help="ignore CASE.npz probabilities")
     p.add_argument("--num-workers", type=int, default=1, help="parallel processes over cases (default 1)")
+    p.add_argument("--ignore-geometry", action="store_true",
+                   help="score predictions / FOV masks whose origin or direction differs from the reference's as if "
+                   "aligned (a warning per case; default: an error). Shape and spacing must always match")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 
@@ -118,7 +133,10 @@ def add_subparsers(subparsers) -> None:
         "compare",
         help="tables, paired Wilcoxon tests and box plots of several evaluated runs",
         description="Compare output folders of 'hymunet evaluate': per-label tables, paired Wilcoxon signed-rank "
-        "tests per metric (cases matched by name), box plots (PNG) and optional contour overlays of the worst cases.",
+        "tests per metric (cases matched by name), box plots (PNG) and optional contour overlays of the worst cases. "
+        "Runs that scored different references, voxels (FOV, ignore label) or cases are refused; a metric defined "
+        "differently in the runs (HD95 method or percentile, empty-mask policy, spacing) is marked and gets no "
+        "p-value.",
     )
     c.add_argument("runs", nargs="+", help="two or more output folders of 'hymunet evaluate'")
     c.add_argument("-o", "--output", required=True, help="output folder")
@@ -131,4 +149,7 @@ def add_subparsers(subparsers) -> None:
         "(lowest mean Dice) of each run (reads the files recorded in metrics.json)",
     )
     c.add_argument("--metrics", nargs="+", help="metrics to compare (default: all evaluated in every run)")
+    c.add_argument("--common-cases", action="store_true",
+                   help="runs that evaluated different cases are refused; with this flag tables and tests use only "
+                   "the cases every run evaluated")
     c.set_defaults(func=run_compare)

@@ -21,23 +21,74 @@ import re
 import numpy as np
 
 from nnunetv2_hymunet.errors import HyMUNetError
-from nnunetv2_hymunet.evaluation.evaluate import metric_header
+from nnunetv2_hymunet.evaluation.evaluate import SCHEMA_VERSION, metric_header
+from nnunetv2_hymunet.evaluation.metrics import COUNT_KEYS, DISTANCE_METRICS
 from nnunetv2_hymunet.evaluation.outputs import write_json, write_output_folder, write_text
+from nnunetv2_hymunet.fs_safety import check_files_target
 
 BOXPLOT_METRICS = ("dice", "iou", "precision", "recall", "hd", "hd95", "assd")
 
 
 def load_run(run_dir: str) -> dict:
+    """metrics.json of an evaluate output folder, after checking the parts compare reads."""
     import json
 
     path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isdir(run_dir):
+        raise HyMUNetError(f"{run_dir}: not a folder (expected an output folder of 'hymunet evaluate')")
     if not os.path.isfile(path):
         raise HyMUNetError(f"{run_dir}: no metrics.json (is it an output folder of 'hymunet evaluate'?)")
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
     except (OSError, ValueError) as e:
-        raise HyMUNetError(f"{path}: cannot read: {e}") from None
+        raise HyMUNetError(f"{path}: cannot read as JSON: {e}") from None
+    problem = _schema_problem(run)
+    if problem:
+        raise HyMUNetError(f"{path}: not a metrics.json of 'hymunet evaluate' ({problem})")
+    return run
+
+
+def _schema_problem(run) -> str | None:
+    """What is missing or malformed in a metrics.json (None when compare can read it)."""
+    if not isinstance(run, dict):
+        return "the top level is not an object"
+    if run.get("schema_version") != SCHEMA_VERSION:
+        return f"schema_version {run.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+    expected = {"units": str, "labels": list, "metrics": list, "per_case": list, "per_label": dict, "pooled": dict,
+                "policy": dict}
+    for key, kind in expected.items():
+        if not isinstance(run.get(key), kind):
+            return f"'{key}' missing or not a {kind.__name__}"
+    if not all(isinstance(m, str) for m in run["metrics"]):
+        return "'metrics' must list metric names"
+    names = []
+    for label in run["labels"]:
+        if not isinstance(label, dict) or not isinstance(label.get("name"), str) or not isinstance(
+                label.get("values"), list):
+            return "every entry of 'labels' needs a name and values"
+        names.append(label["name"])
+        if label["name"] not in run["per_label"] or label["name"] not in run["pooled"]:
+            return f"label {label['name']!r} missing from per_label or pooled"
+        if not all(isinstance(run["per_label"][label["name"]].get(m), dict) for m in run["metrics"]):
+            return f"per_label[{label['name']!r}] lacks some of the metrics"
+    seen = set()
+    for record in run["per_case"]:
+        if not isinstance(record, dict) or not isinstance(record.get("case"), str) or not isinstance(
+                record.get("metrics"), dict):
+            return "every per_case entry needs a case id and metrics"
+        if record["case"] in seen:
+            return f"case {record['case']!r} appears twice"
+        seen.add(record["case"])
+        for name in names:
+            values = record["metrics"].get(name)
+            if not isinstance(values, dict):
+                return f"case {record['case']!r} has no metrics for label {name!r}"
+            for metric in run["metrics"] + ["tp", "fn"]:
+                value = values.get(metric)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    return f"case {record['case']!r}, label {name!r}: {metric} is {value!r}, not a number"
+    return None
 
 
 def _run_names(run_dirs: list[str]) -> list[str]:
@@ -138,10 +189,108 @@ def _overlay(path: str, run: dict, case: dict) -> None:
     fig.savefig(path, dpi=100)
 
 
-def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: list[str] | None = None) -> dict:
-    """Compare evaluate output folders; write OUT (see module docstring) and return comparison.json's content."""
+def _policy_text(run: dict, keys) -> str:
+    return ", ".join(f"{k}={run['policy'].get(k)}" for k in keys)
+
+
+def comparability(names: list[str], runs: list[dict], labels: list[str], metrics: list[str],
+                  common_cases: bool) -> dict:
+    """Refuse (HyMUNetError) what makes the runs incomparable as a whole; return {"not_comparable": {metric: reason},
+    "notes": [...]} for what makes single metrics incomparable, and informational notes."""
+    first_name, first = names[0], runs[0]
+    notes, not_comparable = [], {}
+    for name, run in zip(names[1:], runs[1:]):
+        pair = f"{first_name} and {name}"
+        for key, what in (("fov", "a field-of-view restriction"), ("ignore_label", "an ignore label")):
+            if first["policy"].get(key) != run["policy"].get(key):
+                raise HyMUNetError(f"runs {pair} differ in {what} ({first['policy'].get(key)} vs "
+                                   f"{run['policy'].get(key)}): they scored different voxels; not comparable")
+        values = {lab["name"]: lab["values"] for lab in first["labels"]}
+        for lab in run["labels"]:
+            if lab["name"] in labels and values.get(lab["name"]) != lab["values"]:
+                raise HyMUNetError(f"runs {pair}: label {lab['name']!r} means values {values.get(lab['name'])} in "
+                                   f"one and {lab['values']} in the other; not comparable")
+        cases_a = {c["case"] for c in first["per_case"]}
+        cases_b = {c["case"] for c in run["per_case"]}
+        if cases_a != cases_b:
+            only_a, only_b = sorted(cases_a - cases_b), sorted(cases_b - cases_a)
+            detail = "; ".join(part for part in (
+                f"only in {first_name}: {', '.join(only_a[:5])}{' ...' if len(only_a) > 5 else ''}" if only_a else "",
+                f"only in {name}: {', '.join(only_b[:5])}{' ...' if len(only_b) > 5 else ''}" if only_b else "")
+                if part)
+            if not common_cases:
+                raise HyMUNetError(f"runs {pair} evaluated different cases ({detail}); their means are not "
+                                   "comparable. Pass --common-cases to compare on the cases both have")
+            notes.append(f"{pair} evaluated different cases ({detail}); everything is computed on the "
+                         f"{len(cases_a & cases_b)} shared case(s) (--common-cases)")
+            if not cases_a & cases_b:
+                raise HyMUNetError(f"runs {pair} share no case")
+        by_case = {c["case"]: c for c in run["per_case"]}
+        for record in first["per_case"]:
+            other = by_case.get(record["case"])
+            if other is None:
+                continue
+            if record.get("shape") != other.get("shape"):
+                raise HyMUNetError(f"runs {pair} were scored against different references: case {record['case']} "
+                                   f"has shape {record.get('shape')} in one and {other.get('shape')} in the other")
+            for label in labels:
+                a, b = record["metrics"][label], other["metrics"][label]
+                if a["tp"] + a["fn"] != b["tp"] + b["fn"]:
+                    raise HyMUNetError(
+                        f"runs {pair} were scored against different references: case {record['case']}, label "
+                        f"{label!r} has {a['tp'] + a['fn']} reference voxels in {first_name} and "
+                        f"{b['tp'] + b['fn']} in {name} (references {first.get('ref_dir')} vs {run.get('ref_dir')})")
+            if record.get("spacing") != other.get("spacing"):
+                for m in DISTANCE_METRICS:
+                    not_comparable.setdefault(m, f"case {record['case']} was measured with spacing "
+                                                 f"{record.get('spacing')} in {first_name} and "
+                                                 f"{other.get('spacing')} in {name}")
+        if first.get("ref_dir") != run.get("ref_dir"):
+            notes.append(f"{pair} read their references from different folders ({first.get('ref_dir')}, "
+                         f"{run.get('ref_dir')}); they hold the same number of reference voxels per case and label")
+        for keys, affected, what in (
+                (("hd95_method", "percentile"), ("hd95",), "HD95 definitions"),
+                (("one_empty_distance",), DISTANCE_METRICS, "distances for one empty mask"),
+                (("both_empty_overlap",), ("dice", "iou", "precision", "recall"), "overlap scores for both-empty "
+                                                                                 "cases")):
+            if _policy_text(first, keys) != _policy_text(run, keys):
+                for m in affected:
+                    not_comparable.setdefault(m, f"different {what} ({first_name}: {_policy_text(first, keys)}; "
+                                                 f"{name}: {_policy_text(run, keys)})")
+    return {"not_comparable": {m: r for m, r in not_comparable.items() if m in metrics}, "notes": notes}
+
+
+def _restricted(run: dict, cases: set, labels: list[str], metrics: list[str]) -> dict:
+    """The run with only `cases`, its per-image statistics and pooled scores recomputed over them."""
+    from nnunetv2_hymunet.evaluation.aggregate import summarize
+    from nnunetv2_hymunet.evaluation.metrics import EmptyPolicy
+
+    per_case = [c for c in run["per_case"] if c["case"] in cases]
+    policy = EmptyPolicy(both_empty_overlap=float(run["policy"].get("both_empty_overlap", 1.0)))
+    counts_ok = all(all(k in c["metrics"][lab] for k in COUNT_KEYS) for c in per_case for lab in labels)
+    if not counts_ok:
+        raise HyMUNetError(f"{run.get('ref_dir')}: per-case confusion counts missing; cannot restrict to common cases")
+    summary = summarize(per_case, labels, metrics, policy)
+    return {**run, "per_case": per_case, "per_label": summary["per_label"], "pooled": summary["pooled"]}
+
+
+def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: list[str] | None = None,
+                 common_cases: bool = False) -> dict:
+    """Compare evaluate output folders; write OUT (see module docstring) and return comparison.json's content.
+
+    Runs that scored different voxels, different references or (without common_cases) different cases are refused;
+    metrics whose definitions differ between runs (HD95 method or percentile, empty-mask policy, spacing) get no
+    p-value and are marked with the reason."""
     if len(run_dirs) < 2:
         raise HyMUNetError("compare needs at least two evaluated runs")
+    if overlays < 0:
+        raise HyMUNetError(f"--overlays must be 0 or more, got {overlays}")
+    real = [os.path.realpath(d) for d in run_dirs]
+    repeated = sorted({d for d, r in zip(run_dirs, real) if real.count(r) > 1})
+    if repeated:
+        raise HyMUNetError(f"run {repeated[0]} is given more than once")
+    inputs = {f"run {d}": d for d in run_dirs}
+    check_files_target(out_dir, ("comparison.json", "comparison.md"), "-o", inputs)
     runs = [load_run(d) for d in run_dirs]
     names = _run_names(run_dirs)
     units = {run["units"] for run in runs}
@@ -156,7 +305,11 @@ def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: 
         unknown = sorted(set(metrics) - set(common_metrics))
         if unknown:
             raise HyMUNetError(f"--metrics: {', '.join(unknown)} not evaluated in every run ({common_metrics})")
-        common_metrics = list(metrics)
+        common_metrics = list(dict.fromkeys(metrics))
+    checks = comparability(names, runs, labels, common_metrics, common_cases)
+    if common_cases:
+        shared = set.intersection(*({c["case"] for c in r["per_case"]} for r in runs))
+        runs = [_restricted(r, shared, labels, [m for m in r["metrics"]]) for r in runs]
 
     table = {
         label: {
@@ -173,7 +326,11 @@ def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: 
                 cases = sorted(set(values_a) & set(values_b))
                 a = np.array([values_a[c] for c in cases], dtype=np.float64)
                 b = np.array([values_b[c] for c in cases], dtype=np.float64)
-                tests.append({"label": label, "metric": metric, "run_a": name_a, "run_b": name_b, **paired_test(a, b)})
+                test = {"label": label, "metric": metric, "run_a": name_a, "run_b": name_b, **paired_test(a, b)}
+                if metric in checks["not_comparable"]:
+                    test.update(statistic=float("nan"), p_value=float("nan"),
+                                note=f"not comparable: {checks['not_comparable'][metric]}")
+                tests.append(test)
 
     result = {
         "runs": [
@@ -183,6 +340,9 @@ def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: 
         "units": units,
         "labels": labels,
         "metrics": common_metrics,
+        "common_cases_only": bool(common_cases),
+        "not_comparable": checks["not_comparable"],
+        "notes": checks["notes"],
         "table": table,
         "tests": tests,
     }
@@ -200,7 +360,7 @@ def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: 
             writers[f"overlays/{_safe_filename(name)}/{_safe_filename(case['case'])}.png"] = (
                 lambda p, run=run, case=case: _overlay(p, run, case)
             )
-    write_output_folder(out_dir, writers)
+    write_output_folder(out_dir, writers, command="compare", inputs=inputs)
     return result
 
 
@@ -214,6 +374,10 @@ def comparison_markdown(result: dict) -> str:
         "",
         "Runs: " + ", ".join(f"{r['name']} ({r['n_cases']} cases)" for r in result["runs"]) + ".",
     ]
+    for metric, reason in result.get("not_comparable", {}).items():
+        lines.append(f"\n**{metric} is NOT comparable between these runs:** {reason}. No p-value is given for it.")
+    for note in result.get("notes", []):
+        lines.append(f"\nNote: {note}.")
     for label in result["labels"]:
         lines += ["", f"## {label}", "", "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for metric in result["metrics"]:
@@ -221,7 +385,8 @@ def comparison_markdown(result: dict) -> str:
             for name in names:
                 s = result["table"][label][name][metric]
                 cells.append(f"{fmt(s['mean'])} ± {fmt(s['std'])} (n={s['n']})")
-            lines.append(f"| {metric_header(metric, result['units'])} per-image | " + " | ".join(cells) + " |")
+            mark = " (NOT comparable)" if metric in result.get("not_comparable", {}) else ""
+            lines.append(f"| {metric_header(metric, result['units'])}{mark} per-image | " + " | ".join(cells) + " |")
         for metric in ("dice", "iou"):
             if metric in result["metrics"]:
                 cells = [fmt(result["table"][label][name]["pooled"][metric]) for name in names]

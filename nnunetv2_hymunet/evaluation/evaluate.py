@@ -20,6 +20,7 @@ summary.json), readable by Python's json module:
     policy: {both_empty_overlap, both_empty_distance, one_empty_overlap, one_empty_distance, hd95_method,
              percentile, ignore_label, fov}
     labels: [{name, values, region, channel}]       evaluation order
+    warnings: [text]   what the scores should be read with (e.g. values only ever predicted, --ignore-geometry)
     metrics: ["dice", "iou", "precision", "recall", "specificity", "hd", "hd95", "assd"(, "auc_roc", "auc_pr")]
     per_case: [{case, ref_file, pred_file, fov_file, npz_file, shape, spacing, n_voxels,
                 metrics: {label: {metric: value, tp, fp, fn, tn}}}]
@@ -46,6 +47,14 @@ import numpy as np
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.evaluation.aggregate import summarize
 from nnunetv2_hymunet.evaluation.auc import auc_from_histograms, score_histograms
+from nnunetv2_hymunet.evaluation.checks import (
+    check_probabilities,
+    check_scoring_mask,
+    check_spacing,
+    geometry_of,
+    grid_mismatch,
+    undeclared_values,
+)
 from nnunetv2_hymunet.evaluation.labels import Target, targets_from_dataset_json, targets_from_values
 from nnunetv2_hymunet.evaluation.metrics import (
     COUNT_KEYS,
@@ -56,8 +65,10 @@ from nnunetv2_hymunet.evaluation.metrics import (
     overlap_from_counts,
 )
 from nnunetv2_hymunet.evaluation.outputs import write_json, write_output_folder, write_text
+from nnunetv2_hymunet.fs_safety import check_files_target
 
 AUC_METRICS = ("auc_roc", "auc_pr")
+OUTPUT_FILES = ("metrics.json", "per_case.csv", "summary.md")
 SCHEMA_VERSION = 1
 
 
@@ -78,6 +89,8 @@ class CaseTask:
     hd95_method: str
     percentile: float
     query_workers: int = 1  # threads per case: all cores when cases run serially
+    declared_values: frozenset | None = None  # label values dataset.json declares (None: no dataset.json)
+    ignore_geometry: bool = False  # --ignore-geometry: origin/direction mismatches become warnings
 
 
 def _supported_endings() -> list[str]:
@@ -132,15 +145,19 @@ def match_cases(ref_dir: str, pred_dir: str, file_ending: str) -> list[tuple[str
 
 
 def _read(reader, path: str, case: str, what: str):
+    """(label array, spacing, geometry) of one file; a spacing that is not positive and finite is an error."""
     try:
         seg, properties = reader.read_seg(path)
     except Exception as e:  # any reader failure is the user's file, not our bug
         raise HyMUNetError(f"case {case}: cannot read {what} {path}: {type(e).__name__}: {e}") from None
-    return np.asarray(seg[0]), tuple(float(s) for s in properties["spacing"])
+    spacing = check_spacing(properties["spacing"], f"case {case}: {what} {path}")
+    return np.asarray(seg[0]), spacing, geometry_of(properties)
 
 
 def _as_labels(seg: np.ndarray, case: str, path: str) -> np.ndarray:
     if seg.dtype.kind == "f":
+        if not np.all(np.isfinite(seg)):
+            raise HyMUNetError(f"case {case}: {path} holds NaN or infinite values; expected a label map")
         rounded = np.rint(seg)
         if not np.array_equal(rounded, seg):
             raise HyMUNetError(f"case {case}: {path} holds non-integer values; expected a label map")
@@ -148,13 +165,17 @@ def _as_labels(seg: np.ndarray, case: str, path: str) -> np.ndarray:
     return seg.astype(np.int32, copy=False)
 
 
-def _check_same_grid(case, ref_file, ref_shape, ref_spacing, other_file, shape, spacing, what):
-    if shape != ref_shape:
-        raise HyMUNetError(f"case {case}: {what} {other_file} has shape {shape}, reference {ref_file} has {ref_shape}")
-    if not np.allclose(spacing, ref_spacing, rtol=1e-4, atol=1e-6):
-        raise HyMUNetError(
-            f"case {case}: {what} {other_file} has spacing {spacing}, reference {ref_file} has {ref_spacing}"
-        )
+def _check_same_grid(task: CaseTask, ref: tuple, other_file: str, other: tuple, what: str, warnings: list) -> None:
+    """Shape and spacing must match; an origin / direction mismatch is an error unless --ignore-geometry."""
+    reason = grid_mismatch(ref, other)
+    if reason is None:
+        return
+    message = f"case {task.case}: {what} {other_file}: {reason} ({task.ref_file})"
+    shape_or_spacing = reason.startswith(("shape", "spacing"))
+    if shape_or_spacing or not task.ignore_geometry:
+        hint = "" if shape_or_spacing else "; pass --ignore-geometry to score it as if aligned"
+        raise HyMUNetError(message + hint)
+    warnings.append(message + "; scored as if aligned (--ignore-geometry)")
 
 
 def _apply_spacing_override(file_spacing: tuple[float, ...], override) -> tuple[float, ...]:
@@ -168,29 +189,29 @@ def _apply_spacing_override(file_spacing: tuple[float, ...], override) -> tuple[
 def evaluate_case(task: CaseTask) -> dict:
     """Read one case and compute every metric for every target; raises HyMUNetError naming the case."""
     reader = task.reader_class()
-    ref, ref_spacing = _read(reader, task.ref_file, task.case, "reference")
-    pred, pred_spacing = _read(reader, task.pred_file, task.case, "prediction")
-    _check_same_grid(
-        task.case, task.ref_file, ref.shape, ref_spacing, task.pred_file, pred.shape, pred_spacing, "prediction"
-    )
+    warnings: list[str] = []
+    ref, ref_spacing, ref_geometry = _read(reader, task.ref_file, task.case, "reference")
+    pred, pred_spacing, pred_geometry = _read(reader, task.pred_file, task.case, "prediction")
+    ref_grid = (ref.shape, ref_spacing, ref_geometry)
+    _check_same_grid(task, ref_grid, task.pred_file, (pred.shape, pred_spacing, pred_geometry), "prediction", warnings)
     ref, pred = _as_labels(ref, task.case, task.ref_file), _as_labels(pred, task.case, task.pred_file)
+    if task.declared_values is not None:
+        for what, path, seg in (("reference", task.ref_file, ref), ("prediction", task.pred_file, pred)):
+            unknown = undeclared_values(seg, task.declared_values)
+            if unknown:
+                raise HyMUNetError(f"case {task.case}: {what} {path} holds value(s) {unknown} that --dataset-json does "
+                                   f"not declare (declared: {sorted(task.declared_values)}); e.g. a 0/255 mask "
+                                   "must be converted to 0/1 first")
     valid = None
     if task.fov_file is not None:
-        fov, fov_spacing = _read(reader, task.fov_file, task.case, "field-of-view mask")
-        _check_same_grid(
-            task.case,
-            task.ref_file,
-            ref.shape,
-            ref_spacing,
-            task.fov_file,
-            fov.shape,
-            fov_spacing,
-            "field-of-view mask",
-        )
+        fov, fov_spacing, fov_geometry = _read(reader, task.fov_file, task.case, "field-of-view mask")
+        _check_same_grid(task, ref_grid, task.fov_file, (fov.shape, fov_spacing, fov_geometry), "field-of-view mask",
+                         warnings)
         valid = fov > 0
     if task.ignore_label is not None:
         not_ignored = ref != task.ignore_label
         valid = not_ignored if valid is None else valid & not_ignored
+    check_scoring_mask(valid, task.case, task.fov_file, task.ignore_label)
     probabilities = None
     if task.npz_file is not None:
         probabilities = _read_probabilities(task.npz_file, task.case, ref.shape)
@@ -234,6 +255,7 @@ def evaluate_case(task: CaseTask) -> dict:
         "n_voxels": int(ref.size if valid is None else np.count_nonzero(valid)),
         "metrics": metrics,
         "_histograms": histograms,
+        "_warnings": warnings,
     }
 
 
@@ -243,11 +265,12 @@ def _read_probabilities(npz_file: str, case: str, spatial_shape) -> np.ndarray:
             probabilities = data["probabilities"]
     except Exception as e:
         raise HyMUNetError(f"case {case}: cannot read probabilities from {npz_file}: {type(e).__name__}: {e}") from None
-    if tuple(probabilities.shape[1:]) != tuple(spatial_shape):
+    if probabilities.ndim != len(spatial_shape) + 1 or tuple(probabilities.shape[1:]) != tuple(spatial_shape):
         raise HyMUNetError(
             f"case {case}: {npz_file} probabilities have shape {probabilities.shape}, expected (C, "
             f"{', '.join(map(str, spatial_shape))}) like the reference"
         )
+    check_probabilities(probabilities, case, npz_file)
     return probabilities
 
 
@@ -296,6 +319,7 @@ def evaluate_folders(
     percentile: float = 95.0,
     npz: bool | None = None,
     progress: bool = False,
+    ignore_geometry: bool = False,
 ) -> dict:
     """Evaluate pred_dir against ref_dir, write out_dir/{metrics.json, per_case.csv, summary.md}; return the
     metrics.json content (schema in the module docstring).
@@ -315,11 +339,21 @@ def evaluate_folders(
         raise HyMUNetError(f"--hd95 must be one of {', '.join(HD95_METHODS)}, got {hd95_method!r}")
     if not 0 < percentile <= 100:
         raise HyMUNetError(f"--percentile must be in (0, 100], got {percentile}")
+    if num_workers < 1:
+        raise HyMUNetError(f"--num-workers must be at least 1, got {num_workers}")
+    if spacing is not None:
+        spacing = check_spacing(spacing, "--spacing")
     for flag, folder in (("--ref", ref_dir), ("--pred", pred_dir), ("--fov", fov_dir)):
         if folder is not None and not os.path.isdir(folder):
             raise HyMUNetError(f"{flag} {folder}: not a folder")
     ref_dir, pred_dir = os.path.abspath(ref_dir), os.path.abspath(pred_dir)
     fov_dir = os.path.abspath(fov_dir) if fov_dir is not None else None
+    if os.path.realpath(ref_dir) == os.path.realpath(pred_dir):
+        raise HyMUNetError(f"--ref and --pred are the same folder {ref_dir}; every score would be perfect")
+    if dataset_json is not None and not os.path.isfile(dataset_json):
+        raise HyMUNetError(f"--dataset-json {dataset_json}: not a file")
+    inputs = {"--ref": ref_dir, "--pred": pred_dir, "--fov": fov_dir, "--dataset-json": dataset_json}
+    check_files_target(out_dir, OUTPUT_FILES, "-o", inputs)  # before the work, not after it
 
     targets, ignore_label, dataset = None, None, None
     if dataset_json is not None:
@@ -329,6 +363,8 @@ def evaluate_folders(
         except Exception as e:
             raise HyMUNetError(f"--dataset-json {dataset_json}: cannot read: {type(e).__name__}: {e}") from None
         targets, ignore_label = targets_from_dataset_json(dataset, dataset_json)
+        if "file_ending" in dataset and not (isinstance(dataset["file_ending"], str) and dataset["file_ending"]):
+            raise HyMUNetError(f"--dataset-json {dataset_json}: 'file_ending' must be a text such as \".nii.gz\"")
     file_ending = dataset["file_ending"] if dataset and "file_ending" in dataset else detect_file_ending(ref_dir)
     try:
         if dataset is not None and "file_ending" in dataset:
@@ -354,6 +390,9 @@ def evaluate_folders(
             if not os.path.isfile(fov_files[case]):
                 raise HyMUNetError(f"case {case}: no field-of-view mask {fov_files[case]} in --fov {fov_dir}")
 
+    declared = None
+    if targets is not None:
+        declared = frozenset({0} | {v for t in targets for v in t.values} | ({ignore_label} - {None}))
     tasks = [
         CaseTask(
             case,
@@ -369,11 +408,14 @@ def evaluate_folders(
             hd95_method,
             float(percentile),
             query_workers=-1 if num_workers <= 1 else 1,
+            declared_values=declared,
+            ignore_geometry=ignore_geometry,
         )
         for case, ref_file, pred_file in cases
     ]
-    per_case, histograms = [], {}
+    per_case, histograms, warnings = [], {}, []
     for record in _run_cases(tasks, num_workers, progress):
+        warnings += record.pop("_warnings")
         # Probability histograms are summed as results arrive (about 1 MB per case and label).
         for name, (pos, neg) in record.pop("_histograms").items():
             histograms[name] = (
@@ -387,6 +429,11 @@ def evaluate_folders(
         for record in per_case:
             found |= {name for name, m in record["metrics"].items() if m["tp"] + m["fn"] > 0}
         targets = targets_from_values(int(name) for name in found)
+        predicted_only = sorted({name for record in per_case for name in record["metrics"]} - found, key=int)
+        if predicted_only:
+            warnings.append(f"value(s) {', '.join(predicted_only)} occur in predictions but in no reference, so they "
+                            "are not scored (without --dataset-json the labels are the values found in the "
+                            "references); pass --dataset-json to score every declared label")
         for record in per_case:
             record["metrics"] = {
                 t.name: record["metrics"].get(t.name) or _both_empty_metrics(record["n_voxels"], policy, use_npz)
@@ -415,6 +462,7 @@ def evaluate_folders(
             "fov": fov_dir is not None,
         },
         "labels": [t.as_dict() for t in targets],
+        "warnings": warnings,
         "metrics": metric_names,
         "per_case": per_case,
         **summarize(per_case, target_names, metric_names, policy),
@@ -427,14 +475,12 @@ def evaluate_folders(
             for name in target_names
         }
     result = _json_safe(result)
-    write_output_folder(
-        out_dir,
-        {
-            "metrics.json": lambda p: write_json(p, result),
-            "per_case.csv": lambda p: write_per_case_csv(p, result),
-            "summary.md": lambda p: write_text(p, summary_markdown(result)),
-        },
-    )
+    writers = {
+        "metrics.json": lambda p: write_json(p, result),
+        "per_case.csv": lambda p: write_per_case_csv(p, result),
+        "summary.md": lambda p: write_text(p, summary_markdown(result)),
+    }
+    write_output_folder(out_dir, writers, command="evaluate", inputs=inputs)
     return result
 
 
@@ -482,6 +528,8 @@ def summary_markdown(result: dict) -> str:
     ]
     if result["fov_dir"]:
         lines.append(f"- restricted to the field-of-view masks in `{result['fov_dir']}`")
+    for warning in result.get("warnings", []):
+        lines.append(f"- **warning:** {warning}")
     if policy.get("ignore_label") is not None:
         lines.append(f"- voxels with the ignore label {policy['ignore_label']} are excluded")
     for label in result["labels"]:

@@ -47,6 +47,8 @@ class EmptyPolicy:
             raise ValueError(f"both_empty_overlap must be 1.0 or NaN, got {self.both_empty_overlap}")
         if isinstance(self.one_empty_distance, str) and self.one_empty_distance != "diagonal":
             raise ValueError(f"one_empty_distance must be 'diagonal' or a number, got {self.one_empty_distance!r}")
+        if not isinstance(self.one_empty_distance, str) and self.one_empty_distance < 0:
+            raise ValueError(f"one-empty distance must not be negative, got {self.one_empty_distance}")
 
     @classmethod
     def from_strings(cls, both_empty: str = "one", one_empty_distance: str = "diagonal") -> "EmptyPolicy":
