@@ -5,10 +5,17 @@ import os
 
 
 def plan(args: argparse.Namespace) -> int:
+    from nnunetv2_hymunet.errors import HyMUNetError
     from nnunetv2_hymunet.planning.plans_writer import write_hymunet_plans
 
-    target, summaries = write_hymunet_plans(args.dataset, args.configurations, args.preset, args.gpu_memory_gb,
-                                            args.plans_name, args.source_plans)
+    try:
+        target, summaries = write_hymunet_plans(args.dataset, args.configurations, args.preset, args.gpu_memory_gb,
+                                                args.plans_name, args.source_plans)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        # the JSON files parsed but lack what nnU-Net's plans / dataset.json always hold
+        raise HyMUNetError(f"-d {args.dataset}: the source plans ({args.source_plans or 'nnUNetPlans'}) or "
+                           f"dataset.json in nnUNet_preprocessed are malformed ({type(e).__name__}: {e}); re-run "
+                           "nnUNetv2_plan_and_preprocess") from None
     for name, s in summaries.items():
         src, hy = s["source"], s["hymunet"]
         ratio = hy["feature_map_elements"] / src["feature_map_elements"]

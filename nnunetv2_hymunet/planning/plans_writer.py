@@ -9,11 +9,13 @@ the source plans is reused as it is, and the stock trainer can train HyMUNet:
 """
 
 import json
+import math
 import os
-import tempfile
+import re
 from copy import deepcopy
 
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import atomic_write_text
 from nnunetv2_hymunet.planning.architecture import HYBRID_KNOBS, hymunet_architecture_entry
 from nnunetv2_hymunet.planning.presets import load_preset
 from nnunetv2_hymunet.planning.sizing import check_patch, fit_batch_and_patch, max_batch_size
@@ -21,6 +23,7 @@ from nnunetv2_hymunet.planning.sizing import check_patch, fit_batch_and_patch, m
 DEFAULT_PLANS_NAME = "nnUNetHyMUNetPlans"
 DEFAULT_SOURCE_PLANS = "nnUNetPlans"
 DEFAULT_GPU_MEMORY_GB = 8.0
+_PLANS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def _preprocessed_dataset_folder(dataset: str) -> str:
@@ -48,18 +51,29 @@ def _load_json(path: str, what: str, hint: str) -> dict:
 
 
 def write_json_atomically(obj, path: str) -> None:
-    """Write beside the target, then rename: a crash never leaves a half-written plans file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    """Write beside the target, then rename: a crash never leaves a half-written plans file (umask permissions)."""
+    atomic_write_text(path, json.dumps(obj, indent=4) + "\n")
+
+
+def _plans_identifier(name: str, flag: str) -> str:
+    """A plans identifier is a file name in the dataset's preprocessed folder, never a path out of it."""
+    if not isinstance(name, str) or not _PLANS_NAME.match(name) or name.endswith(".json"):
+        raise HyMUNetError(f"{flag} {name!r}: a plans identifier such as nnUNetHyMUNetPlans (letters, digits, '_', "
+                           "'-', '.'; no path, no .json)")
+    return name
+
+
+def _check_replaceable_plans(path: str) -> None:
+    """An existing plans file is replaced only when `hymunet plan` wrote it (nnU-Net's own plans never are)."""
+    if not os.path.exists(path):
+        return
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        with open(path) as f:
+            planner = str(json.load(f).get("experiment_planner_used", ""))
+    except (OSError, ValueError, AttributeError):
+        planner = ""
+    if not planner.startswith("hymunet plan"):
+        raise HyMUNetError(f"--plans-name: {path} exists and was not written by hymunet plan; choose another name")
 
 
 def feature_map_elements(architecture: dict, patch_size, num_input_channels: int, num_output_channels: int) -> float:
@@ -120,16 +134,26 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     preset = load_preset(preset_path) if preset_path else {}
-    plans_name = plans_name or preset.get("plans_name", DEFAULT_PLANS_NAME)
-    source_plans = source_plans or preset.get("source_plans", DEFAULT_SOURCE_PLANS)
-    gpu_memory_gb = float(gpu_memory_gb or preset.get("gpu_memory_gb", DEFAULT_GPU_MEMORY_GB))
-    if gpu_memory_gb <= 0:
-        raise HyMUNetError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}")
+    plans_name = _plans_identifier(plans_name or preset.get("plans_name", DEFAULT_PLANS_NAME), "--plans-name")
+    source_plans = _plans_identifier(source_plans or preset.get("source_plans", DEFAULT_SOURCE_PLANS),
+                                     "--source-plans")
+    if gpu_memory_gb is None:  # 0 is a value to refuse, not "use the default"
+        gpu_memory_gb = preset.get("gpu_memory_gb", DEFAULT_GPU_MEMORY_GB)
+    try:
+        gpu_memory_gb = float(gpu_memory_gb)
+    except (TypeError, ValueError):
+        raise HyMUNetError(f"--gpu-memory-gb must be a number, got {gpu_memory_gb!r}") from None
+    if not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
+        raise HyMUNetError(f"--gpu-memory-gb must be a positive number of GB, got {gpu_memory_gb}")
     if plans_name == source_plans:
         raise HyMUNetError(f"the HyMUNet plans name must differ from the source plans ({source_plans})")
 
     folder = _preprocessed_dataset_folder(dataset)
     dataset_id = os.path.basename(folder)
+    target = os.path.join(folder, plans_name + ".json")
+    _check_replaceable_plans(target)
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise HyMUNetError(f"no permission to write {target} (the dataset's nnUNet_preprocessed folder)")
     source_file = os.path.join(folder, source_plans + ".json")
     source = _load_json(source_file, "source plans", f"Run `nnUNetv2_plan_and_preprocess -d {dataset_id}` first"
                         + (f" (or pick the planner that writes {source_plans})" if source_plans != "nnUNetPlans"
@@ -167,6 +191,5 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
             where=f"{preset_path or 'plan'}: configurations.{name}")
         plans["configurations"][name].update(entries)
 
-    target = os.path.join(folder, plans_name + ".json")
     write_json_atomically(plans, target)
     return target, summaries
