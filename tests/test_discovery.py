@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 from nnunetv2_hymunet.nnunet_ext_hook import ENV_VAR, EXT_FOLDER, register_ext_trainer_folder
@@ -61,17 +60,6 @@ def test_nnunet_finds_ours_theirs_and_a_users_trainer(tmp_path):
 def test_ext_folder_holds_only_the_shim():
     # nnU-Net imports every module in the folder as a top-level module: anything else there would leak.
     assert sorted(p.name for p in Path(EXT_FOLDER).iterdir() if p.name != "__pycache__") == ["hymunet_trainers.py"]
-
-
-def test_wheel_ships_the_startup_hook(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("nnunetv2_hymunet-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "nnunetv2_hymunet_ext.pth" in names
-    assert "nnunetv2_hymunet/nnunet_ext/hymunet_trainers.py" in names
-    pth = zipfile.ZipFile(wheel).read("nnunetv2_hymunet_ext.pth").decode()
-    assert pth.strip() == "import nnunetv2_hymunet.nnunet_ext_hook"
 
 
 def test_doctor_reports_discovery():

@@ -11,8 +11,9 @@ from nnunetv2_hymunet.errors import HyMUNetError
 HYMUNET_CLASS_NAME = "nnunetv2_hymunet.network.HyMUNet"
 
 # The hybrid knobs HyMUNet adds to the PlainConvUNet arguments; only these may be set by trainers and presets.
-HYBRID_KNOBS = ("n_mamba_stages", "scan", "fusion", "d_state", "d_conv", "expand", "mamba_max_inner_channels",
-                "n_mamba_layers_per_stage")
+HYBRID_KNOBS = ("n_mamba_stages", "mamba_stages", "scan", "fusion", "d_state", "d_conv", "expand",
+                "mamba_max_inner_channels", "n_mamba_layers_per_stage", "direction_merge", "dt_min", "dt_max",
+                "gate_norm", "layer_scale")
 
 # PlainConvUNet arguments HyMUNet shares one to one.
 _SHARED_KEYS = (
