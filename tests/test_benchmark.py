@@ -9,7 +9,7 @@ import pytest
 from nnunetv2_hymunet.benchmark import runner
 from nnunetv2_hymunet.benchmark.report import build_report, dataset_section
 from nnunetv2_hymunet.benchmark.study import run_benchmark
-from nnunetv2_hymunet.benchmark.suite import long_range_case, make_suite, regions_case
+from nnunetv2_hymunet.benchmark.suite import make_suite, regions_case
 from nnunetv2_hymunet.cli import main
 from nnunetv2_hymunet.errors import HyMUNetError
 
@@ -76,18 +76,18 @@ def test_dry_run_lists_only_unfinished_work(nnunet_folders, capsys):
 
 def test_slurm_script_has_one_task_per_pending_run(nnunet_folders):
     res = nnunet_folders / "res"
-    _fold(res, "B", 1, "checkpoint_final.pth", "validation/summary.json")
+    _fold(res, "nnUNetTrainer", 1, "checkpoint_final.pth", "validation/summary.json")
     script = nnunet_folders / "jobs.sh"
-    run_benchmark(["961"], ["2d"], ["B"], [0, 1, 2], None, device="cuda", emit_slurm=str(script),
+    run_benchmark(["961"], ["2d"], ["nnUNetTrainer"], [0, 1, 2], None, device="cuda", emit_slurm=str(script),
                   slurm_options={"time_limit": "01:00:00", "gpus": 1, "cpus": 4, "partition": "gpu"}, log=print)
     text = script.read_text()
     assert "#SBATCH --array=0-1" in text and "#SBATCH --partition=gpu" in text and "#SBATCH --time=01:00:00" in text
     assert text.count("nnUNetv2_train 961 2d") == 2 and "nnUNetv2_train 961 2d 1 " not in text
     assert os.access(script, os.X_OK)
-    _fold(res, "B", 0, "checkpoint_final.pth", "validation/summary.json")
-    _fold(res, "B", 2, "checkpoint_final.pth", "validation/summary.json")
+    _fold(res, "nnUNetTrainer", 0, "checkpoint_final.pth", "validation/summary.json")
+    _fold(res, "nnUNetTrainer", 2, "checkpoint_final.pth", "validation/summary.json")
     with pytest.raises(HyMUNetError, match="nothing to submit"):
-        run_benchmark(["961"], ["2d"], ["B"], [0, 1, 2], None, emit_slurm=str(script), log=print)
+        run_benchmark(["961"], ["2d"], ["nnUNetTrainer"], [0, 1, 2], None, emit_slurm=str(script), log=print)
 
 
 def test_bad_arguments_are_named(nnunet_folders):
@@ -102,7 +102,7 @@ def test_bad_arguments_are_named(nnunet_folders):
 
 
 def _fake_metrics(dice_per_case, hd95_per_case, label="lesion"):
-    per_case = [{"case": f"c{i}", "metrics": {label: {"dice": d, "iou": d / (2 - d), "hd95": h}}}
+    per_case = [{"case": f"c{i}", "metrics": {label: {"dice": d, "iou": d / (2 - d), "hd95": h, "tp": 1, "fn": 0}}}
                 for i, (d, h) in enumerate(zip(dice_per_case, hd95_per_case))]
 
     def stats(values):
@@ -114,7 +114,9 @@ def _fake_metrics(dice_per_case, hd95_per_case, label="lesion"):
             "metrics": ["dice", "iou", "hd95"], "per_case": per_case,
             "per_label": {label: {"dice": stats(dice), "iou": stats(dice / (2 - dice)),
                                   "hd95": stats(hd95_per_case)}},
-            "pooled": {label: {"dice": 0.5, "iou": 0.33}}, "benchmark_folds": [0]}
+            "pooled": {label: {"dice": 0.5, "iou": 0.33}}, "benchmark_folds": [0],
+            "policy": {"both_empty_overlap": 1.0, "hd95_method": "max_directed", "percentile": 95.0,
+                       "ignore_label": None, "fov": False}}
 
 
 def test_report_from_fake_evaluated_runs(tmp_path):
@@ -152,19 +154,6 @@ def test_report_from_fake_evaluated_runs(tmp_path):
     assert json.load(open(paths["json"]))["reference"] == "nnUNetTrainer"
 
 
-def test_long_range_label_is_decided_by_the_far_marker():
-    rng = np.random.default_rng(3)
-    for _ in range(20):
-        image, label = long_range_case(rng, 64)
-        classes = set(np.unique(label)) - {0}
-        assert len(classes) == 1
-        blob_columns = np.nonzero(label)[1]
-        # the marker: the extreme pixels (pure white or black squares) on the other half of the image
-        far_half = image[:, 32:] if blob_columns.mean() < 32 else image[:, :32]
-        bright, dark = (far_half == 255).sum(), (far_half == 0).sum()
-        assert (classes == {1}) == (bright > dark)
-
-
 def test_regions_case_is_nested():
     channels, label = regions_case(np.random.default_rng(0), 20)
     assert channels.shape == (4, 20, 20, 20)
@@ -174,7 +163,7 @@ def test_regions_case_is_nested():
 def test_make_suite_writes_nnunet_raw_datasets(tmp_path):
     folders = make_suite(str(tmp_path), first_id=981, size="tiny")
     assert [os.path.basename(f) for f in folders] == ["Dataset981_SynthLesion2D", "Dataset982_SynthRegions3D",
-                                                      "Dataset983_SynthLongRange2D"]
+                                                      "Dataset984_SynthOppositeKey2D"]
     regions = json.load(open(os.path.join(folders[1], "dataset.json")))
     assert regions["regions_class_order"] == [1, 2, 3] and regions["labels"]["tumor_core"] == [2, 3]
     assert len(os.listdir(os.path.join(folders[1], "imagesTr"))) == 4 * regions["numTraining"]

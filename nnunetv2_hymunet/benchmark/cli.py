@@ -3,9 +3,8 @@ next to this one (profiling.py, study.py, suite.py)."""
 
 import os
 
+from nnunetv2_hymunet.benchmark.schedule import SCHEDULE_ENV
 from nnunetv2_hymunet.errors import HyMUNetError
-
-BENCH_SCHEDULE_ENV = ("HYMUNET_BENCH_EPOCHS", "HYMUNET_BENCH_ITERATIONS", "HYMUNET_BENCH_VAL_ITERATIONS")
 
 
 def _default_device() -> str:
@@ -54,7 +53,7 @@ def run_benchmark_command(args) -> int:
     if any(v is not None for v in values):
         if any(v is None or v < 1 for v in values):
             raise HyMUNetError("--epochs, --iterations and --val-iterations go together, each a positive integer")
-        schedule = dict(zip(BENCH_SCHEDULE_ENV, values))
+        schedule = dict(zip(SCHEDULE_ENV, values))
     if not args.output and not (args.dry_run or args.emit_slurm):
         raise HyMUNetError("--output DIR is required (where logs, evaluations and the report go)")
     slurm = {"time_limit": args.slurm_time, "gpus": args.slurm_gpus, "cpus": args.slurm_cpus,
@@ -64,7 +63,16 @@ def run_benchmark_command(args) -> int:
                   reference=args.reference_trainer, short_schedule=schedule, num_processes=args.num_processes,
                   n_proc_da=args.n_proc_da, dry_run=args.dry_run, emit_slurm=args.emit_slurm, train=not args.no_train,
                   profile=not args.no_profile, profile_repeats=args.profile_repeats,
-                  profile_threads=args.profile_threads, slurm_options=slurm)
+                  profile_threads=args.profile_threads, slurm_options=slurm, seeds=args.seeds)
+    return 0
+
+
+def run_long_range_plans(args) -> int:
+    from nnunetv2_hymunet.benchmark.long_range import write_long_range_plans
+
+    if args.stages is not None and args.stages < 2:
+        raise HyMUNetError(f"--stages {args.stages}: need at least 2")
+    write_long_range_plans(args.dataset, args.configuration, args.plans, args.stages)
     return 0
 
 
@@ -108,7 +116,7 @@ def add_subparsers(subparsers) -> None:
 
     b = subparsers.add_parser("benchmark", help="train, evaluate and compare models across datasets with the stock "
                                                 "nnU-Net commands; make the synthetic benchmark suite")
-    commands = b.add_subparsers(dest="benchmark_command", metavar="{run,make-suite}", required=True)
+    commands = b.add_subparsers(dest="benchmark_command", metavar="{run,make-suite,long-range-plans}", required=True)
     r = commands.add_parser(
         "run", help="run (resumably) datasets x trainers x folds and build the report",
         description="Preprocesses datasets that are not, trains every (dataset, trainer, fold) that is not finished "
@@ -119,7 +127,12 @@ def add_subparsers(subparsers) -> None:
                    help="one configuration for all datasets, or one per dataset (default 2d)")
     r.add_argument("-tr", "--trainers", nargs="+", required=True,
                    help="trainer class names, optionally TRAINER:PLANS (e.g. nnUNetTrainer:nnUNetResEncUNetMPlans)")
-    r.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="default 0 1 2 3 4")
+    r.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                   help="default 0 1 2 3 4 (must exist in the dataset's splits)")
+    r.add_argument("--seeds", nargs="+", type=int,
+                   help="repeat every (dataset, trainer, fold) once per seed, as the seeded trainer copy "
+                        "<Trainer>_bench_s<seed> (own result folder); the report gives mean ± sd across seeds and "
+                        "paired tests over (seed, case) pairs")
     r.add_argument("--reference-trainer", help="model the others are tested against (default: the first -tr)")
     r.add_argument("-o", "--output", help="report folder (also logs/, evaluation/, profile/, runs.jsonl)")
     r.add_argument("--device", choices=("cpu", "cuda", "mps"), help="passed to nnUNetv2_train -device "
@@ -143,12 +156,28 @@ def add_subparsers(subparsers) -> None:
     r.set_defaults(func=run_benchmark_command)
 
     s = commands.add_parser("make-suite", help="write the synthetic benchmark datasets (nnU-Net raw format)",
-                            description="SynthLesion2D (ISIC-like), SynthRegions3D (BraTS-like regions) and "
-                                        "SynthLongRange2D (label decided by a marker on the far side of the image).")
+                            description="SynthLesion2D (ISIC-like, id first), SynthRegions3D (BraTS-like regions, "
+                                        "first+1) and SynthOppositeKey2D (first+3: a blob's class is given by the "
+                                        "marker opposite it through the image centre, out of a conv-only network's "
+                                        "reach with the plans nnUNetLongRangePlans).")
     s.add_argument("-o", "--output", help="nnU-Net raw folder (default $nnUNet_raw)")
     s.add_argument("--first-id", type=int, default=971, help="dataset id of the first task (default 971)")
     s.add_argument("--size", choices=("small", "tiny"), default="small")
-    s.add_argument("--tasks", nargs="+", help="subset of SynthLesion2D SynthRegions3D SynthLongRange2D")
+    s.add_argument("--tasks", nargs="+", help="subset of SynthLesion2D SynthRegions3D SynthOppositeKey2D")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace datasets with the same ids")
     s.set_defaults(func=run_make_suite)
+
+    lr = commands.add_parser(
+        "long-range-plans", help="derive nnUNetLongRangePlans (network cut below the blob-marker distance) from "
+                                 "nnUNetPlans",
+        description="Writes $nnUNet_preprocessed/DATASET/nnUNetLongRangePlans.json: the dataset's nnUNetPlans "
+                    "(same preprocessing) with the network cut to the deepest number of stages whose conv-only "
+                    "receptive field is smaller than the minimum blob-marker distance of the long-range task; prints "
+                    "the receptive field (analytic and measured on the conv-only trainers' networks).")
+    lr.add_argument("-d", "--dataset", required=True, help="dataset id or name (planned with nnUNetPlans)")
+    lr.add_argument("-c", "--configuration", default="2d", help="default 2d")
+    lr.add_argument("-p", "--plans", default="nnUNetPlans", help="plans to cut (default nnUNetPlans)")
+    lr.add_argument("--stages", type=int, help="number of stages (default: the deepest below the dataset's "
+                                               "minimum blob-marker distance)")
+    lr.set_defaults(func=run_long_range_plans)

@@ -28,18 +28,21 @@ def find_trainer_class(name: str):
         return nnUNetTrainer
     if hasattr(ours, name):
         return getattr(ours, name)
-    if name.endswith("_bench"):
+    from nnunetv2_hymunet.benchmark.schedule import parse_bench_name
+
+    if parse_bench_name(name):
         from nnunetv2_hymunet.benchmark.ext_trainers import benchmark_trainers
 
         if hasattr(benchmark_trainers, name):
             return getattr(benchmark_trainers, name)
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2_hymunet.training.discovery import find_trainer
 
-    try:
-        return recursive_find_trainer_class_by_name(name)
-    except (RuntimeError, AssertionError) as e:
-        raise HyMUNetError(f"model {name!r}: no nnU-Net trainer class of that name was found ({e}). Use a trainer "
-                           f"class name or {RESENC_M}") from None
+    found = find_trainer(name)
+    if found is None:
+        raise HyMUNetError(f"model {name!r}: no nnU-Net trainer class of that name was found (searched "
+                           f"nnunetv2.training.nnUNetTrainer and the nnUNet_extTrainer folders). Use a trainer class "
+                           f"name or {RESENC_M}")
+    return found
 
 
 def resenc_m_configuration(configuration: dict) -> dict:

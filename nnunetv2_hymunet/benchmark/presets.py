@@ -13,10 +13,11 @@ Both are complete plans dicts (PlansManager / ConfigurationManager accept them),
 trainers' own `build_network_architecture` exactly as training would build them.
 """
 
+import json
 import os
 from copy import deepcopy
 
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join
 
 from nnunetv2_hymunet.errors import HyMUNetError
 
@@ -161,6 +162,28 @@ class ProfilePlan:
         return ProfilePlan(plans, self.configuration, self.dataset_json, self.source, self.case_shape)
 
 
+def read_json_file(path: str, what: str) -> dict:
+    """A JSON object from `path`; anything else (unreadable, not JSON, not an object) raises, naming the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HyMUNetError(f"{path}: cannot read {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    if not isinstance(data, dict):
+        raise HyMUNetError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_plans(path: str) -> dict:
+    """nnU-Net plans from `path`, checked for the part every command here reads (configurations)."""
+    plans = read_json_file(path, "nnU-Net plans")
+    if not isinstance(plans.get("configurations"), dict) or not all(
+            isinstance(c, dict) for c in plans["configurations"].values()):
+        raise HyMUNetError(f"{path}: not nnU-Net plans (no 'configurations' object of configurations)")
+    return plans
+
+
 def preset_plan(name: str) -> ProfilePlan:
     if name not in PRESETS:
         raise HyMUNetError(f"--plan {name!r} is not a built-in plan; choose one of: {', '.join(PRESETS)}")
@@ -186,7 +209,7 @@ def dataset_plan(dataset: str, configuration: str, plans_identifier: str = "nnUN
         if not isfile(f):
             raise HyMUNetError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
                                f"(or check -p {plans_identifier})")
-    plans = load_json(plans_file)
+    plans = read_plans(plans_file)
     configuration_dict = plans.get("configurations", {}).get(configuration, {})
     if "architecture" not in configuration_dict and "inherits_from" in configuration_dict:
         # cascade/lowres configurations inherit: let nnU-Net's ConfigurationManager resolve them once, store flat
@@ -196,5 +219,11 @@ def dataset_plan(dataset: str, configuration: str, plans_identifier: str = "nnUN
         configuration_dict = plans["configurations"][configuration]
     if not configuration_dict:
         raise HyMUNetError(f"{plans_file} has no configuration {configuration!r}")
+    arch = configuration_dict.get("architecture")
+    if (not isinstance(arch, dict) or not isinstance(arch.get("arch_kwargs"), dict)
+            or not isinstance(configuration_dict.get("patch_size"), list)):
+        raise HyMUNetError(f"{plans_file}: configuration {configuration!r} lacks a patch_size list or an "
+                           "architecture with arch_kwargs (corrupt plans?)")
     median = configuration_dict.get("median_image_size_in_voxels") or configuration_dict["patch_size"]
-    return ProfilePlan(plans, configuration, load_json(dataset_json_file), plans_file, [round(m) for m in median])
+    return ProfilePlan(plans, configuration, read_json_file(dataset_json_file, "dataset.json"), plans_file,
+                       [round(m) for m in median])

@@ -8,6 +8,10 @@ State lives only in nnU-Net's own result folders, which makes the runner resumab
 - trained, not validated: checkpoint_final.pth only -> `nnUNetv2_train ... --val --npz`;
 - interrupted: checkpoint_latest.pth only -> `nnUNetv2_train ... --c --npz` (continue training);
 - otherwise: a fresh training.
+
+With `--seeds`, every (dataset, model, fold) runs once per seed as the trainer copy `<Trainer>_bench_s<seed>`
+(ext_trainers/benchmark_trainers.py seeds it), so each seed has its own result folder and the states above hold per
+seed.
 """
 
 import json
@@ -18,8 +22,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from nnunetv2_hymunet.benchmark.atomic import atomic_write_text
+from nnunetv2_hymunet.benchmark.long_range import LONG_RANGE_PLANS, SOURCE_PLANS
+from nnunetv2_hymunet.benchmark.presets import read_plans
+from nnunetv2_hymunet.benchmark.schedule import BENCH_SUFFIX, bench_trainer_name
 from nnunetv2_hymunet.errors import HyMUNetError
 
 DEFAULT_PLANS = "nnUNetPlans"
@@ -31,7 +39,7 @@ PLANNER_FOR_PLANS = {
     "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
 }
 BENCH_TRAINER_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
-BENCH_SUFFIX = "_bench"
+DEFAULT_FOLDS = 5  # nnU-Net's split when the dataset has no splits_final.json yet
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,8 @@ class Run:
     configuration: str
     model: Model
     fold: int
-    trained_trainer: str  # model.trainer, or its short-schedule `_bench` copy
+    trained_trainer: str  # model.trainer, or its benchmark copy (`_bench`, `_bench_s<seed>`)
+    seed: Optional[int] = None
 
     @property
     def dataset_id(self) -> str:
@@ -98,11 +107,57 @@ class Run:
         return command
 
     def describe(self) -> str:
-        return f"{self.dataset} {self.configuration} fold {self.fold} {self.model.label}"
+        seed = f" seed {self.seed}" if self.seed is not None else ""
+        return f"{self.dataset} {self.configuration} fold {self.fold} {self.model.label}{seed}"
 
 
-def trained_trainer_name(trainer: str, short_schedule: bool) -> str:
+def trained_trainer_name(trainer: str, short_schedule: bool, seed: int = None) -> str:
+    if seed is not None:
+        return bench_trainer_name(trainer, seed)
     return trainer + BENCH_SUFFIX if short_schedule and not trainer.endswith(BENCH_SUFFIX) else trainer
+
+
+def available_folds(dataset: str) -> int:
+    """How many folds nnU-Net will train for the dataset: splits_final.json's, or its default 5-fold split."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    splits_file = os.path.join(nnUNet_preprocessed or "", dataset, "splits_final.json")
+    if not nnUNet_preprocessed or not os.path.isfile(splits_file):
+        return DEFAULT_FOLDS
+    try:
+        with open(splits_file) as f:
+            splits = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HyMUNetError(f"{splits_file}: cannot read the splits: {e}") from None
+    if not isinstance(splits, list) or not splits:
+        raise HyMUNetError(f"{splits_file}: expected a non-empty list of {{train, val}} splits")
+    return len(splits)
+
+
+def check_folds(folds, datasets) -> list:
+    """-f values as ints; refuses duplicates and folds the datasets' splits do not have (nnU-Net would silently make
+    a random split for them)."""
+    folds = [int(f) for f in folds]
+    if len(set(folds)) != len(folds):
+        raise HyMUNetError(f"-f lists a fold twice: {folds}")
+    for dataset in datasets:
+        n = available_folds(dataset)
+        bad = [f for f in folds if not 0 <= f < n]
+        if bad:
+            source = "its splits_final.json" if n != DEFAULT_FOLDS else "nnU-Net's 5-fold split"
+            raise HyMUNetError(f"-f {' '.join(map(str, bad))}: {dataset} has folds 0..{n - 1} ({source})")
+    return folds
+
+
+def check_seeds(seeds) -> list:
+    if seeds is None:
+        return [None]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise HyMUNetError("--seeds needs at least one seed")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise HyMUNetError(f"--seeds must be distinct non-negative integers, got {seeds}")
+    return seeds
 
 
 def resolve_dataset(dataset: str) -> str:
@@ -115,26 +170,30 @@ def resolve_dataset(dataset: str) -> str:
                            f"({e})") from None
 
 
-def plan_runs(datasets, configurations, models, folds, short_schedule: bool) -> list:
-    """All runs, in dataset-major, fold, model order (so partial results cover every model early)."""
+def plan_runs(datasets, configurations, models, folds, short_schedule: bool, seeds=None) -> list:
+    """All runs, in dataset, seed, fold, model order (so partial results cover every model early)."""
     if len(configurations) not in (1, len(datasets)):
         raise HyMUNetError(f"-c: give one configuration for all datasets or one per dataset ({len(datasets)}), "
                            f"got {len(configurations)}")
     if not datasets or not models or not folds:
         raise HyMUNetError("need at least one dataset (-d), one trainer (-tr) and one fold (-f)")
     configurations = list(configurations) * (len(datasets) if len(configurations) == 1 else 1)
+    names = [resolve_dataset(d) for d in datasets]
+    folds = check_folds(folds, names)
     runs = []
-    for dataset, configuration in zip(datasets, configurations):
-        name = resolve_dataset(dataset)
-        for fold in folds:
-            for model in models:
-                runs.append(Run(name, configuration, model, int(fold),
-                                trained_trainer_name(model.trainer, short_schedule)))
+    for name, configuration in zip(names, configurations):
+        for seed in check_seeds(seeds):
+            for fold in folds:
+                for model in models:
+                    runs.append(Run(name, configuration, model, fold,
+                                    trained_trainer_name(model.trainer, short_schedule, seed), seed))
     return runs
 
 
-def preprocessing_command(dataset: str, configuration: str, plans: str, num_processes: int):
-    """The command that makes (dataset, configuration, plans) trainable, or None when it already is."""
+def preprocessing_commands(dataset: str, configuration: str, plans: str, num_processes: int) -> list:
+    """The commands that make (dataset, configuration, plans) trainable; empty when it already is.
+    nnUNetLongRangePlans are derived from nnUNetPlans (`hymunet benchmark long-range-plans`), planned first if
+    needed."""
     from nnunetv2.paths import nnUNet_preprocessed
 
     if not nnUNet_preprocessed:
@@ -144,32 +203,37 @@ def preprocessing_command(dataset: str, configuration: str, plans: str, num_proc
     plans_file = os.path.join(folder, plans + ".json")
     n = str(num_processes)
     if not os.path.isfile(plans_file):
+        if plans == LONG_RANGE_PLANS:
+            return (preprocessing_commands(dataset, configuration, SOURCE_PLANS, num_processes)
+                    + [["hymunet", "benchmark", "long-range-plans", "-d", dataset_id, "-c", configuration]])
         if plans not in PLANNER_FOR_PLANS:
             raise HyMUNetError(f"{plans_file} does not exist and {plans!r} is not a plans name a stock planner writes "
-                               f"({', '.join(PLANNER_FOR_PLANS)}): create it first (e.g. hymunet plan)")
-        return ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-pl", PLANNER_FOR_PLANS[plans],
-                "-np", n, "-npfp", n]
-    with open(plans_file) as f:
-        configurations = json.load(f).get("configurations", {})
+                               f"({', '.join(PLANNER_FOR_PLANS)}) nor {LONG_RANGE_PLANS}: create it first (e.g. "
+                               "hymunet plan)")
+        return [["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-pl", PLANNER_FOR_PLANS[plans],
+                 "-np", n, "-npfp", n]]
+    configurations = read_plans(plans_file)["configurations"]
     if configuration not in configurations:
         raise HyMUNetError(f"{plans_file} has no configuration {configuration!r} (it has: "
                            f"{', '.join(sorted(configurations))})")
     identifier = configurations[configuration].get("data_identifier")
     data = os.path.join(folder, identifier) if identifier else None
     if data and os.path.isdir(data) and os.listdir(data) and os.path.isdir(os.path.join(folder, "gt_segmentations")):
-        return None
-    return ["nnUNetv2_preprocess", "-d", dataset_id, "-c", configuration, "-plans_name", plans, "-np", n]
+        return []
+    return [["nnUNetv2_preprocess", "-d", dataset_id, "-c", configuration, "-plans_name", plans, "-np", n]]
 
 
 def subprocess_environment(short_schedule: dict = None, num_processes: int = None, n_proc_da: int = None,
-                           training: bool = True) -> dict:
-    """Variables the runner sets for nnU-Net subprocesses (on top of the caller's environment)."""
+                           training: bool = True, bench_copies: bool = None) -> dict:
+    """Variables the runner sets for nnU-Net subprocesses (on top of the caller's environment). bench_copies (default:
+    whether there is a short schedule): the trainings use the benchmark trainer copies, so nnU-Net must find them."""
     env = {}
-    if short_schedule:
+    if bench_copies or (bench_copies is None and short_schedule):
         current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
         if BENCH_TRAINER_FOLDER not in current:
             current.append(BENCH_TRAINER_FOLDER)
         env["nnUNet_extTrainer"] = os.pathsep.join(current)
+    if short_schedule:
         env.update({k: str(v) for k, v in short_schedule.items()})
     if num_processes is not None:
         env["nnUNet_def_n_proc"] = str(num_processes)

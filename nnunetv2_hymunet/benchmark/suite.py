@@ -5,11 +5,20 @@
 - `SynthRegions3D`: BraTS-like volumes, 4 channels (FLAIR-, T1ce-, T2-, T1-like contrasts) with a nested tumour:
   edema (1) around an enhancing rim (3) around a necrotic core (2); evaluated as nnU-Net regions whole tumour
   [1, 2, 3], tumour core [2, 3], enhancing [3] (regions_class_order [1, 2, 3]).
-- `SynthLongRange2D`: a textured blob on one side of a grey image and a small square marker on the opposite side.
-  The blob looks the same in both classes; its label (1 or 2) is given only by the marker (bright: 1, dark: 2) about
-  half an image width away, so a pixel's label depends on content far outside a few conv layers' reach. The code is
-  carried by brightness, not position, so nnU-Net's mirroring and rotation augmentations keep it valid. (A U-Net with
-  nnU-Net's depth still sees the whole image at its bottleneck; this task tests whether global mixing helps on top.)
+- `SynthOppositeKey2D` (the long-range task; id first+3, 973 is the retired SynthLongRange2D): a grey image with a
+  textured blob, a bright and a dark round marker, all about 0.4 image widths from the centre. The key marker is
+  diametrically opposite the blob through the centre, the decoy a quarter turn from the blob; the blob's label is 1
+  when the key is bright, 2 when it is dark. Train it with the plans `nnUNetLongRangePlans` (benchmark/long_range.py):
+  nnU-Net's plans cut to the depth whose conv-only receptive field is smaller than the minimum blob-marker distance.
+
+  Why a conv-only network cannot learn the rule: the output at a blob pixel is a function of the input inside its
+  receptive field, a square that holds the blob and background but neither marker (every blob-marker distance is at
+  least `min_marker_distance(side)`, larger than the receptive field; tested), and the blob's surroundings are drawn
+  the same way in both classes. The only other path is instance normalisation, whose per-image statistics are sums of
+  local features; every image has one bright and one dark marker at the same radius, whose positions have the same
+  distribution in both classes (uniform angle), so those statistics carry no class either (markers are also farther
+  apart than the receptive field, so no feature sees their relative placement). Such a network can only guess:
+  expected blob-class accuracy 0.5. A layer that mixes the whole image (Mamba scans) can read the key.
 
 Sizes: `small` (the documented study) and `tiny` (the end-to-end test). Everything is seeded; every dataset is
 written atomically (temporary folder, renamed at the end).
@@ -28,9 +37,13 @@ from nnunetv2_hymunet.errors import HyMUNetError
 SIZES = {
     "SynthLesion2D": {"small": (40, 64), "tiny": (8, 32)},
     "SynthRegions3D": {"small": (24, 32), "tiny": (8, 16)},
-    "SynthLongRange2D": {"small": (40, 96), "tiny": (8, 32)},
+    "SynthOppositeKey2D": {"small": (60, 128), "tiny": (8, 64)},
 }
 TASKS = tuple(SIZES)
+LONG_RANGE_TASK = "SynthOppositeKey2D"
+# dataset id = first id + offset; 973 was SynthLongRange2D, retired (a U-Net of nnU-Net's depth saw its marker), so
+# that its results are never mixed with the new task's
+ID_OFFSETS = {"SynthLesion2D": 0, "SynthRegions3D": 1, LONG_RANGE_TASK: 3}
 DEFAULT_FIRST_ID = 971
 
 
@@ -43,27 +56,81 @@ def _to_uint8(image):
     return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
 
+def min_marker_distance(side: int) -> int:
+    """Smallest Chebyshev distance (px) between any two of blob, key marker and decoy marker in every case."""
+    return int(round(0.32 * side))
+
+
+def chebyshev_distance(a: np.ndarray, b: np.ndarray) -> int:
+    """Smallest Chebyshev (chessboard) distance between a pixel of mask a and a pixel of mask b."""
+    return int(ndimage.distance_transform_cdt(~b, metric="chessboard")[a].min())
+
+
+def _disc(yy, xx, centre, radius):
+    return np.hypot(yy - centre[0], xx - centre[1]) <= radius
+
+
 def long_range_case(rng, side: int):
-    """(grey uint8 image, label map) of SynthLongRange2D."""
+    """(grey uint8 image, label map, {"blob", "key", "decoy"} masks) of SynthOppositeKey2D.
+
+    Every image holds a textured blob and two round markers, one bright and one dark, all at about the same distance
+    from the image centre. The key marker sits diametrically opposite the blob through the centre; the decoy sits at
+    the blob's position turned 90 degrees (either way) around the centre. The blob's label is 1 when the key is bright,
+    2 when it is dark. Nothing near the blob differs between the classes, and both classes have the same global
+    intensity statistics (one bright, one dark marker, the same blob), so a network whose receptive field is smaller
+    than the blob-marker distance, and whose only global path is instance normalisation, can do no better than
+    chance (see the module docstring). The rule survives nnU-Net's mirroring and rotation augmentation (both keep
+    "opposite through the centre" and the decoy's quarter turn).
+    """
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    centre = np.array([(side - 1) / 2, (side - 1) / 2])
+    marker_radius = 0.03 * side
+    limit = min_marker_distance(side)
+    for _ in range(1000):  # rejection sampling: every case keeps the guaranteed distances
+        angle = rng.uniform(0, 2 * np.pi)
+        offset = side * rng.uniform(0.36, 0.41) * np.array([np.sin(angle), np.cos(angle)])
+        turn = rng.choice((-1, 1))
+        blob_radius = side * rng.uniform(0.05, 0.065)
+        wobble = 1 + 0.15 * np.cos(3 * np.arctan2(yy - centre[0] - offset[0], xx - centre[1] - offset[1])
+                                   + rng.uniform(0, 2 * np.pi))
+        blob = np.hypot(yy - centre[0] - offset[0], xx - centre[1] - offset[1]) < blob_radius * wobble
+        key = _disc(yy, xx, centre - offset, marker_radius)
+        decoy = _disc(yy, xx, centre + turn * np.array([-offset[1], offset[0]]), marker_radius)
+        if min(chebyshev_distance(blob, key), chebyshev_distance(blob, decoy), chebyshev_distance(key, decoy)) >= limit:
+            break
+    else:
+        raise RuntimeError(f"no SynthOppositeKey2D geometry found for side {side}")
     image = 0.5 + 0.06 * _smooth(rng, (side, side), side / 12) + 0.03 * rng.standard_normal((side, side))
-    blob_left = rng.random() < 0.5
-    cx = side * rng.uniform(0.15, 0.3)
-    cx = cx if blob_left else side - cx
-    cy = side * rng.uniform(0.25, 0.75)
-    radius = side * rng.uniform(0.09, 0.14)
-    angle = np.arctan2(yy - cy, xx - cx)
-    wobble = 1 + 0.15 * np.cos(3 * angle + rng.uniform(0, 2 * np.pi))
-    blob = np.hypot(yy - cy, xx - cx) < radius * wobble
-    image[blob] = 0.75 + 0.08 * _smooth(rng, (side, side), 1.5)[blob]
-    bright = rng.random() < 0.5
-    half = max(1, int(round(side * 0.04)))
-    mx = side - int(side * rng.uniform(0.08, 0.15)) if blob_left else int(side * rng.uniform(0.08, 0.15))
-    my = int(side * rng.uniform(0.2, 0.8))
-    image[max(0, my - half):my + half + 1, max(0, mx - half):mx + half + 1] = 1.0 if bright else 0.0
+    image[blob] = 0.72 + 0.08 * _smooth(rng, (side, side), 1.5)[blob]
+    key_bright = rng.random() < 0.5
+    image[key] = 0.95 if key_bright else 0.05
+    image[decoy] = 0.05 if key_bright else 0.95
     label = np.zeros((side, side), dtype=np.uint8)
-    label[blob] = 1 if bright else 2
-    return _to_uint8(image), label
+    label[blob] = 1 if key_bright else 2
+    return _to_uint8(image), label, {"blob": blob, "key": key, "decoy": decoy}
+
+
+def long_range_description(side: int) -> tuple:
+    """(description for dataset.json, conv-only receptive field px, stages of nnUNetLongRangePlans) of a side x side
+    SynthOppositeKey2D, for the 2d plans nnU-Net writes for such images (3x3 convs, strides 1, 2, 2, ..., two convs
+    per stage; nnUNetLongRangePlans cuts them; `hymunet benchmark long-range-plans` checks the real plans)."""
+    from nnunetv2_hymunet.benchmark.long_range import LONG_RANGE_PLANS, choose_stages, conv_receptive_field, cut_plans
+    from nnunetv2_hymunet.benchmark.presets import _configuration
+
+    n_stages = int(np.log2(side / 4)) + 1  # nnU-Net's planner stops at a 4-pixel bottleneck
+    features = [min(32 * 2 ** s, 512) for s in range(n_stages)]
+    plans = {"configurations": {"2d": _configuration(2, (side, side), 2, (1.0, 1.0), features, 1, "nnUNetPlans_2d")}}
+    distance = min_marker_distance(side)
+    stages = choose_stages(plans, "2d", distance)
+    cut = cut_plans(plans, "2d", stages)["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    rf = max(conv_receptive_field(cut, 2))
+    text = (f"A blob's class (1: key marker bright, 2: key marker dark) is given only by the marker diametrically "
+            f"opposite it through the image centre; a decoy marker of the other brightness sits a quarter turn away. "
+            f"Every blob-marker and marker-marker distance is at least {distance} px (Chebyshev). Train with plans "
+            f"{LONG_RANGE_PLANS} (`hymunet benchmark long-range-plans`): nnU-Net's 2d plans cut to {stages} stages, "
+            f"whose conv-only receptive field is {rf} px, smaller than that distance; a conv-only network can only "
+            f"guess the class. Score: blob-class accuracy.")
+    return text, rf, stages
 
 
 def regions_case(rng, side: int):
@@ -119,8 +186,8 @@ def _write_task(folder: str, task: str, n_cases: int, side: int, seed: int) -> N
             rgb, mask = make_isic_like_case(rng, side, side)
             _write_png(os.path.join(images, f"{case}_0000.png"), rgb)
             _write_png(os.path.join(labels, f"{case}.png"), mask.astype(np.uint8))
-        elif task == "SynthLongRange2D":
-            grey, label = long_range_case(rng, side)
+        elif task == LONG_RANGE_TASK:
+            grey, label, _ = long_range_case(rng, side)
             _write_png(os.path.join(images, f"{case}_0000.png"), grey)
             _write_png(os.path.join(labels, f"{case}.png"), label)
         else:
@@ -131,9 +198,15 @@ def _write_task(folder: str, task: str, n_cases: int, side: int, seed: int) -> N
     if task == "SynthLesion2D":
         write_dataset_json(folder, {0: "R", 1: "G", 2: "B"}, {"background": 0, "lesion": 1}, n_cases, ".png",
                            dataset_name=task)
-    elif task == "SynthLongRange2D":
-        write_dataset_json(folder, {0: "grey"}, {"background": 0, "blob_bright_marker": 1, "blob_dark_marker": 2},
-                           n_cases, ".png", dataset_name=task)
+    elif task == LONG_RANGE_TASK:
+        from nnunetv2_hymunet.benchmark.long_range import DATASET_KEY
+
+        description, rf, stages = long_range_description(side)
+        print(f"{task}: {description}")
+        write_dataset_json(folder, {0: "grey"}, {"background": 0, "blob_key_bright": 1, "blob_key_dark": 2},
+                           n_cases, ".png", dataset_name=task, description=description,
+                           **{DATASET_KEY: {"min_marker_distance_px": min_marker_distance(side),
+                                            "expected_receptive_field_px": rf, "expected_stages": stages}})
     else:
         write_dataset_json(folder, {0: "FLAIR", 1: "T1ce", 2: "T2", 3: "T1"},
                            {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]},
@@ -150,7 +223,7 @@ def make_suite(output_root: str, first_id: int = DEFAULT_FIRST_ID, size: str = "
         raise HyMUNetError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     folders = []
     for task in tasks:
-        offset = TASKS.index(task)
+        offset = ID_OFFSETS[task]
         n_cases, side = SIZES[task][size]
         with AtomicDatasetFolder(output_root, first_id + offset, task, overwrite) as temp:
             _write_task(temp, task, n_cases, side, seed + offset)

@@ -1,37 +1,71 @@
-"""Short-schedule copies of nnU-Net's and our trainers for benchmark studies: `<Trainer>_bench`.
+"""Benchmark copies of any nnU-Net trainer: `<Trainer>_bench` (short schedule) and `<Trainer>_bench_s<seed>` (short
+schedule, seeded).
 
-`hymunet benchmark run --epochs E --iterations I --val-iterations V` trains `<Trainer>_bench` instead of `<Trainer>`
-and adds this folder to `nnUNet_extTrainer` for its nnU-Net subprocesses (to predict with such a model later, add it
-yourself: `export nnUNet_extTrainer=<this folder>`). The schedule is read from the environment when the trainer
-starts (HYMUNET_BENCH_EPOCHS, HYMUNET_BENCH_ITERATIONS, HYMUNET_BENCH_VAL_ITERATIONS); everything else, network
-included, is the base trainer's. nnU-Net imports every module of this folder, so it holds only this one.
+`hymunet benchmark run` trains these copies instead of `<Trainer>` when it is given a short schedule (`--epochs E
+--iterations I --val-iterations V`) or `--seeds`, and adds this folder to `nnUNet_extTrainer` for its nnU-Net
+subprocesses (to predict with such a model later, add it yourself: `export nnUNet_extTrainer=<this folder>`).
+
+- The schedule is read from the environment when the trainer starts (HYMUNET_BENCH_EPOCHS, HYMUNET_BENCH_ITERATIONS,
+  HYMUNET_BENCH_VAL_ITERATIONS; unset: the base trainer's).
+- A seeded copy seeds python's `random`, numpy and torch with its seed right before the network is built (at the
+  start of `initialize`), so two seeds of one model differ in initial weights and in the augmentation draws
+  (with nnUNet_n_proc_DA=0 the augmentation runs in the main process and draws from the seeded generators).
+- Everything else, network included, is the base trainer's.
+
+Copies are made on first access (a module `__getattr__`, which nnU-Net's class search reaches through `hasattr`), for
+every base trainer nnU-Net can find: its own, ours, and those in `nnUNet_extTrainer` folders. nnU-Net imports every
+module of this folder, so it holds only this one.
 """
 
-import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-import nnunetv2_hymunet.training as hymunet_trainers
-
-SCHEDULE_ENV = {"HYMUNET_BENCH_EPOCHS": "num_epochs", "HYMUNET_BENCH_ITERATIONS": "num_iterations_per_epoch",
-                "HYMUNET_BENCH_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
-SUFFIX = "_bench"
+from nnunetv2_hymunet.benchmark.schedule import parse_bench_name, read_schedule
 
 
-def _bench_class(base):
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices
+
+
+def _bench_class(base, name: str, seed):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
-        for variable, attribute in SCHEDULE_ENV.items():
-            value = os.environ.get(variable, "").strip()
-            if value:
-                setattr(self, attribute, int(value))
+        for attribute, value in read_schedule().items():
+            setattr(self, attribute, value)
         self.save_every = max(1, min(self.save_every, self.num_epochs))
 
-    return type(base.__name__ + SUFFIX, (base,), {"__init__": __init__, "__module__": __name__})
+    def initialize(self):
+        if seed is not None and not self.was_initialized:
+            seed_everything(seed)
+        base.initialize(self)
+
+    attributes = {"__init__": __init__, "__module__": __name__, "__qualname__": name, "bench_seed": seed}
+    if seed is not None:
+        attributes["initialize"] = initialize
+    return type(name, (base,), attributes)
 
 
-BASES = [nnUNetTrainer] + [getattr(hymunet_trainers, name) for name in hymunet_trainers.__all__]
-for _base in BASES:
-    globals()[_base.__name__ + SUFFIX] = _bench_class(_base)
+def _find_base(name: str):
+    from nnunetv2_hymunet.benchmark.models import find_trainer_class
+    from nnunetv2_hymunet.errors import HyMUNetError
+
+    try:
+        return find_trainer_class(name)
+    except HyMUNetError:
+        return None
+
+
+def __getattr__(name: str):
+    parsed = parse_bench_name(name)
+    base = _find_base(parsed[0]) if parsed else None
+    if base is None or not issubclass(base, nnUNetTrainer):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = _bench_class(base, name, parsed[1])
+    globals()[name] = cls  # one class per name: pickling and a second lookup find the same object
+    return cls
