@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import tiny_dataset_json, tiny_plans
 
+from nnunetv2_hymunet.training import diagnostics as diag
 from nnunetv2_hymunet.training import (
     nnUNetTrainerHyMUNet,
     nnUNetTrainerHyMUNet_nnUNetSGD,
     nnUNetTrainerHyMUNet_noMamba,
 )
-from nnunetv2_hymunet.training import diagnostics as diag
 from nnunetv2_hymunet.training.optimization import (
     GroupPolyLRScheduler,
     HybridOptimizer,
@@ -243,3 +243,38 @@ def test_per_group_diagnostics_reach_the_log_the_logger_and_a_plot(tmp_path, mon
     assert log.count("Parameter groups") == 2 and "selective_scan: grad norm" in log
     assert "Learning rate per parameter group: cnn" in log
     assert (tmp_path / "run" / "results").rglob(diag.PLOT_NAME).__next__().stat().st_size > 0
+
+
+def test_grad_scaler_unscales_and_skips_inf_steps_with_the_hybrid_optimizer():
+    # nnU-Net's AMP path (train_step on CUDA): scale(loss).backward(), unscale_(optimizer), clip, step, update.
+    # GradScaler works on CPU tensors too, so the same sequence is checked here against an unscaled twin.
+    scaled_params, plain_params = _reference_params(), _reference_params()
+
+    def groups(params):
+        return [{"params": [params[0]], "algorithm": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True},
+                {"params": [params[1]], "algorithm": "adamw", "lr": 1e-3}]
+
+    scaled, plain = HybridOptimizer(groups(scaled_params)), HybridOptimizer(groups(plain_params))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for step in range(3):
+        for params, optimizer in ((scaled_params, scaled), (plain_params, plain)):
+            optimizer.zero_grad()
+            loss = sum((p ** 2).sum() for p in params)
+            if optimizer is scaled:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+    for a, b in zip(scaled_params, plain_params):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    before = [p.detach().clone() for p in scaled_params]
+    scaled.zero_grad()
+    scaler.scale(scaled_params[0].sum() * float("inf")).backward()
+    scaler.unscale_(scaled)
+    scaler.step(scaled)  # skipped: the gradients are not finite
+    scaler.update()
+    for a, b in zip(scaled_params, before):
+        assert torch.equal(a.detach(), b)
