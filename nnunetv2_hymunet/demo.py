@@ -112,6 +112,15 @@ def run_demo(workdir: str = None, epochs: int = DEFAULT_EPOCHS, iterations: int 
 
     if epochs < 1 or iterations < 1:
         raise HyMUNetError("--epochs and --iterations must be positive")
+    # checked here, not minutes later inside nnU-Net: 5-fold CV needs 5 training cases, the network a 32 px image
+    for flag, value, low, high in (("--train-cases", num_train, 5, 10000), ("--test-cases", num_test, 1, 10000),
+                                   ("--size", size, 32, 2048), ("--seed", seed, 0, 2**32 - 1)):
+        if not low <= value <= high:
+            raise HyMUNetError(f"{flag} must be in {low}..{high}, got {value}")
+    if workdir is not None:
+        from nnunetv2_hymunet.fs_safety import check_output_path
+
+        workdir = check_output_path(workdir, "--workdir")
     if device == "auto":
         import torch
 

@@ -93,9 +93,14 @@ def check_output_path(path: str, flag: str, inputs: Mapping[str, str | None] = N
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise HyMUNetError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise HyMUNetError(f"{flag} {path}: no permission to write in {existing}")
+    try:  # a real write test: permissions, read-only mounts and pseudo file systems (/proc, /sys) alike
+        os.rmdir(tempfile.mkdtemp(prefix=".hymunet-write-test-", dir=existing))
+    except OSError as e:
+        raise HyMUNetError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
     check_not_input(path, inputs or {}, flag)
+    for folder in (os.path.dirname(path), path):  # before anyone looks at what exists there
+        if os.path.isdir(folder):
+            remove_stale_partials(folder)
     return path
 
 
@@ -292,6 +297,9 @@ class AtomicFolder:
         return False
 
     def _commit(self) -> None:
+        if os.path.lexists(self.target) and self.target not in self.replaces:
+            raise HyMUNetError(f"{self.target} appeared while this run was writing (another run?); nothing was "
+                               "replaced")
         os.remove(os.path.join(self.temp, OWNER_FILE))
         write_marker(self.temp, self.command)
         apply_default_permissions(self.temp)

@@ -14,7 +14,7 @@ from glob import glob
 from batchgenerators.utilities.file_and_folder_operations import save_json
 
 from nnunetv2_hymunet.errors import HyMUNetError
-from nnunetv2_hymunet.fs_safety import AtomicFolder, check_output_path, check_replaceable
+from nnunetv2_hymunet.fs_safety import AtomicFolder, check_output_path, check_replaceable, remove_stale_partials
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -67,6 +67,8 @@ class AtomicDatasetFolder(AtomicFolder):
                  command: str = "convert"):
         self.root = root
         self.folder_name = dataset_folder_name(dataset_id, name)
+        if os.path.isdir(root):
+            remove_stale_partials(root)  # may restore a dataset a killed run had moved aside
         existing = existing_datasets_with_id(root, dataset_id) if os.path.isdir(root) else []
         if existing and not overwrite:
             names = ", ".join(os.path.basename(p) for p in existing)

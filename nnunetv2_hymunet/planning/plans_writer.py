@@ -134,9 +134,10 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     preset = load_preset(preset_path) if preset_path else {}
-    plans_name = _plans_identifier(plans_name or preset.get("plans_name", DEFAULT_PLANS_NAME), "--plans-name")
-    source_plans = _plans_identifier(source_plans or preset.get("source_plans", DEFAULT_SOURCE_PLANS),
-                                     "--source-plans")
+    plans_name = _plans_identifier(preset.get("plans_name", DEFAULT_PLANS_NAME) if plans_name is None else plans_name,
+                                   "--plans-name")
+    source_plans = _plans_identifier(
+        preset.get("source_plans", DEFAULT_SOURCE_PLANS) if source_plans is None else source_plans, "--source-plans")
     if gpu_memory_gb is None:  # 0 is a value to refuse, not "use the default"
         gpu_memory_gb = preset.get("gpu_memory_gb", DEFAULT_GPU_MEMORY_GB)
     try:
