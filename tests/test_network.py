@@ -10,7 +10,7 @@ from torch import nn
 
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.network import HyMUNet
-from nnunetv2_hymunet.network.mamba_layer import MambaLayer, scan_directions
+from nnunetv2_hymunet.network.mamba_layer import MambaLayer, from_sequence, scan_directions, to_sequence
 
 ISIC_LIKE_FEATURES = (32, 64, 128, 256, 512, 512, 512, 512)  # what nnU-Net 2.8 plans for 1000x700 RGB (8 stages)
 
@@ -177,16 +177,16 @@ def test_scan_sequences_round_trip_and_orders():
     grid = torch.arange(6.0).reshape(1, 1, 2, 3)  # rows [0 1 2], [3 4 5]
     directions = scan_directions("cross", 2)
     assert directions[0] == ((0, 1), False)  # raster first
-    sequences = {d: MambaLayer._to_sequence(grid, *d)[0, :, 0].tolist() for d in directions}
+    sequences = {d: to_sequence(grid, *d)[0, 0].tolist() for d in directions}
     assert sequences[((0, 1), False)] == [0, 1, 2, 3, 4, 5]
     assert sequences[((0, 1), True)] == [5, 4, 3, 2, 1, 0]
     assert sequences[((1, 0), False)] == [0, 3, 1, 4, 2, 5]  # column-major
     assert sequences[((1, 0), True)] == [5, 2, 4, 1, 3, 0]
     volume = torch.randn(2, 3, 2, 3, 4)
     for perm, rev in scan_directions("cross", 3):
-        seq = MambaLayer._to_sequence(volume, perm, rev)
-        back = MambaLayer._from_sequence(seq, perm, rev, volume.shape[2:])
-        assert torch.equal(back.permute(0, 4, 1, 2, 3), volume)
+        seq = to_sequence(volume, perm, rev)
+        assert seq.shape == (2, 3, 24)
+        assert torch.equal(from_sequence(seq, perm, rev, volume.shape[2:]), volume)
 
 
 @pytest.mark.parametrize("scan, sees_later_row, sees_raster_end", [
@@ -318,12 +318,14 @@ def test_bf16_autocast_forward_backward():
     seen = []
     for stage in net.encoder.stages:
         for layer in stage.mamba_layers:
-            layer.mamba.register_forward_hook(lambda m, inp, out: seen.append((inp[0].dtype, out.dtype)))
+            for proj in (layer.mamba.in_proj, layer.mamba.x_proj, layer.mamba.out_proj):
+                proj.register_forward_hook(lambda m, inp, out: seen.append((inp[0].dtype, out.dtype)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(torch.randn(2, 3, 64, 64))
         loss = sum(o.float().square().mean() for o in out)
     assert all(o.dtype == torch.bfloat16 and torch.isfinite(o).all() for o in out)
-    assert seen and all(d == (torch.float32, torch.float32) for d in seen)  # Mamba runs in float32
+    assert len(seen) == 3 * (1 + 4 + 1)  # per Mamba stage: in_proj, each direction's x_proj, out_proj
+    assert all(d == (torch.float32, torch.float32) for d in seen)  # Mamba runs in float32
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 

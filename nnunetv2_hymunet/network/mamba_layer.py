@@ -5,10 +5,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_hymunet.errors import HyMUNetError
-from nnunetv2_hymunet.ssm import Mamba
+from nnunetv2_hymunet.ssm import Mamba, selective_scan_fn
 
 SCAN_ORDERS = ("flat", "bidir", "cross")
 DIRECTION_MERGES = ("mean", "sum", "separate")
@@ -56,12 +58,48 @@ def effective_expand(channels: int, expand: float, max_inner_channels: int) -> f
     return min(expand, max(1.0, max_inner_channels / channels))
 
 
+def to_sequence(grid: torch.Tensor, perm: Sequence[int], reverse: bool) -> torch.Tensor:
+    """(batch, C, *spatial) -> (batch, C, L) read in the order of `perm` (last axis fastest), maybe reversed."""
+    batch, channels = grid.shape[:2]
+    seq = grid.permute(0, 1, *(2 + a for a in perm)).reshape(batch, channels, -1)
+    return seq.flip(-1) if reverse else seq
+
+
+def from_sequence(seq: torch.Tensor, perm: Sequence[int], reverse: bool, spatial: Sequence[int]) -> torch.Tensor:
+    """Inverse of to_sequence: (batch, C, L) in the direction's order -> (batch, C, *spatial) (a view when not
+    reversed)."""
+    if reverse:
+        seq = seq.flip(-1)
+    batch, channels, _ = seq.shape
+    grid = seq.view(batch, channels, *(spatial[a] for a in perm))
+    inverse = np.argsort(perm)
+    return grid.permute(0, 1, *(2 + int(a) for a in inverse))
+
+
+def direction_scan(mamba: Mamba, x_in: torch.Tensor, direction, spatial: Sequence[int]) -> torch.Tensor:
+    """Mamba.forward between in_proj and the z gate, along one direction: the x half of in_proj's output
+    (batch, L, d_inner) in voxel order -> causal conv, SiLU, x_proj, dt_proj, selective scan with the D skip ->
+    (batch, L, d_inner) in voxel order. Same parameters and ops as `Mamba.forward` (tests/test_network_equivalence.py
+    checks the two agree)."""
+    perm, reverse = direction
+    u = mamba._causal_conv(to_sequence(x_in.transpose(1, 2).unflatten(2, spatial), perm, reverse))
+    x_dbl = mamba.x_proj(u.transpose(1, 2))  # (batch, L, dt_rank + 2N)
+    dt, B, C = torch.split(x_dbl, [mamba.dt_rank, mamba.d_state, mamba.d_state], dim=-1)
+    dt = F.linear(dt, mamba.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, before softplus
+    scan_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32  # as Mamba.forward
+    A = -torch.exp(mamba.A_log.to(scan_dtype))
+    y = selective_scan_fn(u, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                          mamba.D.to(scan_dtype), z=None, delta_bias=mamba.dt_proj.bias.to(scan_dtype),
+                          delta_softplus=True)
+    return from_sequence(y, perm, reverse, spatial).flatten(2).transpose(1, 2)
+
+
 class MambaLayer(nn.Module):
     """Residual Mamba token mixer on a (batch, C, *spatial) feature map; output has the input's shape and dtype.
 
     Tokens are the feature map's voxels; out = x + gamma * merge_d(Mamba_d(LayerNorm(x)) read along direction d).
-    direction_merge: "mean" / "sum": all directions share one Mamba (the sequences are stacked on the batch axis)
-    and their outputs, mapped back to voxel order, are averaged / summed; "separate": each direction has its own Mamba
+    direction_merge: "mean" / "sum": all directions share one Mamba and their outputs, mapped back to voxel order,
+    are averaged / summed; "separate": each direction has its own Mamba
     (own A, delta, D and projections, as VM-UNet's SS2D), outputs averaged (same output scale at init as "mean").
     dt_min / dt_max: the range of Mamba's initial step sizes (the scan's initial reach). layer_scale: None (gamma = 1,
     no parameter) or the initial value of a learnable per-channel gamma. LayerNorm, Mamba and the residual sum run in
@@ -90,6 +128,7 @@ class MambaLayer(nn.Module):
         else:
             self.layer_scale = nn.Parameter(torch.full((channels,), float(layer_scale)))
             self.layer_scale._no_weight_decay = True
+        self.recompute = True  # recompute the per-direction scans in backward (see _scan); False keeps them
 
     @property
     def mamba_modules(self) -> List[Mamba]:
@@ -102,43 +141,42 @@ class MambaLayer(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x_c = x.to(compute_dtype)
             batch, channels, *spatial = x_c.shape
-            n_tokens = math.prod(spatial)
             normed = self.norm(x_c.flatten(2).transpose(1, 2))  # (batch, L, C), raster order
-            normed_map = normed.transpose(1, 2).reshape(batch, channels, *spatial)
-            sequences = [self._to_sequence(normed_map, perm, rev) for perm, rev in self.directions]
             if self.direction_merge == "separate":
-                mixed = [mamba(seq) for mamba, seq in zip(self.mambas, sequences)]
+                mixed = None
+                for mamba, direction in zip(self.mambas, self.directions):
+                    x_in, z = mamba.in_proj(normed).chunk(2, -1)
+                    y = self._scan(mamba, x_in, direction, spatial)
+                    out = mamba.out_proj(y * F.silu(z))
+                    mixed = out if mixed is None else mixed + out
+                if len(self.directions) > 1:
+                    mixed = mixed / len(self.directions)
             else:
-                mixed = self.mamba(torch.cat(sequences, 0) if len(sequences) > 1 else sequences[0]).split(batch, 0)
-            merged = None
-            for (perm, rev), seq in zip(self.directions, mixed):
-                back = self._from_sequence(seq, perm, rev, spatial)
-                merged = back if merged is None else merged + back
-            if len(self.directions) > 1 and self.direction_merge != "sum":
-                merged = merged / len(self.directions)
+                # in_proj, the SiLU(z) gate and out_proj act on each token alone, and the directions share them:
+                # run them once in voxel order and merge the directions' scan outputs in between (mean and sum
+                # commute with the linear out_proj, which has no bias)
+                mamba = self.mamba
+                x_in, z = mamba.in_proj(normed).chunk(2, -1)
+                y = None
+                for direction in self.directions:
+                    y_d = self._scan(mamba, x_in, direction, spatial)
+                    y = y_d if y is None else y + y_d
+                if len(self.directions) > 1 and self.direction_merge == "mean":
+                    y = y / len(self.directions)
+                mixed = mamba.out_proj(y * F.silu(z))
             if self.layer_scale is not None:
-                merged = merged * self.layer_scale.to(compute_dtype)  # (batch, *spatial, C): per channel
-            out = x_c + merged.reshape(batch, n_tokens, channels).transpose(1, 2).reshape(x_c.shape)
+                mixed = mixed * self.layer_scale.to(compute_dtype)
+            out = x_c + mixed.transpose(1, 2).reshape(x_c.shape)
         return out.to(caller_dtype)
 
-    @staticmethod
-    def _to_sequence(feature_map: torch.Tensor, perm: Sequence[int], reverse: bool) -> torch.Tensor:
-        """(batch, C, *spatial) -> (batch, L, C) read in the order of `perm` (last axis fastest), maybe reversed."""
-        permuted = feature_map.permute(0, 1, *(2 + a for a in perm)) if list(perm) != sorted(perm) else feature_map
-        seq = permuted.flatten(2).transpose(1, 2)
-        return seq.flip(1) if reverse else seq
-
-    @staticmethod
-    def _from_sequence(seq: torch.Tensor, perm: Sequence[int], reverse: bool, spatial: Sequence[int]) -> torch.Tensor:
-        """Inverse of _to_sequence, returned as (batch, *spatial, C) in raster layout."""
-        if reverse:
-            seq = seq.flip(1)
-        batch, _, channels = seq.shape
-        grid = seq.reshape(batch, *(spatial[a] for a in perm), channels)
-        if list(perm) != sorted(perm):
-            inverse = np.argsort(perm)
-            grid = grid.permute(0, *(1 + int(a) for a in inverse), len(spatial) + 1)
-        return grid
+    def _scan(self, mamba: Mamba, x_in: torch.Tensor, direction, spatial) -> torch.Tensor:
+        """One direction's causal conv and selective scan (with its D skip, without the z gate), (batch, L, d_inner)
+        in voxel order. While training it is recomputed in backward instead of keeping its intermediates (a
+        permuted copy, the conv output, the step sizes, the scan's checkpoints: ~8 d_inner values per token and
+        direction); its input is the in_proj output, which the z gate keeps anyway."""
+        if self.recompute and torch.is_grad_enabled() and x_in.requires_grad:
+            return checkpoint(direction_scan, mamba, x_in, direction, spatial, use_reentrant=False)
+        return direction_scan(mamba, x_in, direction, spatial)
 
     def feature_map_size(self, spatial_size: Sequence[int]) -> int:
         """Activations this layer keeps per sample, counted the way the DNA networks count conv outputs."""

@@ -5,6 +5,7 @@ from typing import Type
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.conv import _ConvNd
 
 from nnunetv2_hymunet.errors import HyMUNetError
@@ -52,13 +53,51 @@ class MambaGuidedFusion(nn.Module):
         self.gate_conv = conv_op(channels, channels, 1, 1, 0, bias=conv_bias)
         self.gate_norm = build_gate_norm(gate_norm, channels, norm_op, norm_op_kwargs)
 
+    def gate(self, upsampled: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate_norm(self.gate_conv(upsampled)))
+
     def forward(self, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.gate_norm(self.gate_conv(upsampled)))
+        params = tuple(self.parameters())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (skip, upsampled, *params)):
+            return _GatedSkip.apply(self, skip, upsampled, *params)
         # E * G + E written as E * (G + 1): one elementwise pass less in backward than addcmul on CPU
-        return torch.cat((upsampled, skip * (gate + 1)), 1)
+        return torch.cat((upsampled, skip * (self.gate(upsampled) + 1)), 1)
 
     def feature_map_size(self, channels: int, n_voxels: int) -> int:
-        return 2 * channels * n_voxels  # gate conv (norm and sigmoid not counted, as in DNA) and the gated skip
+        return 0  # _GatedSkip keeps nothing beyond what the encoder and the decoder conv keep anyway
+
+
+class _GatedSkip(torch.autograd.Function):
+    """MGF's forward keeping nothing of its own for backward: it saves the skip E (kept anyway by the encoder's next
+    conv) and its output concat(D_up, E') (kept anyway by the decoder conv that reads it), takes D_up back from the
+    output and recomputes the gate G in backward. The plain autograd graph would keep D_up, Conv1x1(D_up), G and G+1:
+    four full-resolution maps per decoder level. Same values and gradients as that graph."""
+
+    @staticmethod
+    def forward(ctx, module: "MambaGuidedFusion", skip, upsampled, *params):
+        device_type = upsampled.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.module = module
+        ctx.upsampled_dtype = upsampled.dtype
+        out = torch.cat((upsampled, skip * (module.gate(upsampled) + 1)), 1)
+        ctx.save_for_backward(skip, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        skip, out = ctx.saved_tensors
+        module, channels = ctx.module, skip.shape[1]
+        params = tuple(module.parameters())
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+        upsampled = out[:, :channels].to(ctx.upsampled_dtype).detach().requires_grad_(True)  # exact: cat upcasts
+        with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast_enabled):
+            gate = module.gate(upsampled)
+        grad_gated = grad_out[:, channels:]
+        grad_skip = grad_gated * (gate.detach() + 1)
+        grads = torch.autograd.grad(gate, (upsampled, *params), grad_gated * skip, allow_unused=True)
+        grad_up = grads[0] + grad_out[:, :channels].to(grads[0].dtype)
+        return (None, grad_skip, grad_up, *grads[1:])
 
 
 class ConcatFusion(nn.Module):
