@@ -56,12 +56,20 @@ def run_stage(progress: Progress, title: str, command: list, env: dict, log_path
     started = time.monotonic()
     with open(log_path, "w") as log, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                                      stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            line = _TIMESTAMP.sub("", line.rstrip())
-            tail.append(line)
-            if show_live and line and _INTERESTING.search(line):
-                progress.say(f"  {line}")
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                line = _TIMESTAMP.sub("", line.rstrip())
+                tail.append(line)
+                if show_live and line and _INTERESTING.search(line):
+                    progress.say(f"  {line}")
+        except BaseException:  # Ctrl-C / SIGTERM: stop the nnU-Net command too (Popen's exit would wait for it)
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         code = proc.wait()
     if code != 0:
         print("\n".join(tail), file=sys.stderr)

@@ -278,6 +278,8 @@ class AtomicFolder:
             [self.target] if os.path.lexists(self.target) else [])
         self.temp = None
         self._created: list[str] = []
+        # renames that must happen together with this one (e.g. a StagedFile's commit), under the same signal block
+        self.after_commit: list[Callable[[], None]] = []
 
     def __enter__(self) -> str:
         self._created = _make_parents(self.parent)
@@ -306,12 +308,21 @@ class AtomicFolder:
         with _signals_deferred():
             # move replaced folders aside first so that the new one is in place before anything is deleted
             trash = []
-            for old in self.replaces:
-                bin_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(old)}{REPLACED_TAG}", dir=self.parent)
-                _write_owner(bin_folder, restore_to=old)
-                trash.append(bin_folder)
-                os.replace(old, os.path.join(bin_folder, "old"))
-            os.replace(self.temp, self.target)
+            try:
+                for old in self.replaces:
+                    bin_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(old)}{REPLACED_TAG}", dir=self.parent)
+                    _write_owner(bin_folder, restore_to=old)
+                    trash.append(bin_folder)
+                    os.replace(old, os.path.join(bin_folder, "old"))
+                os.replace(self.temp, self.target)
+            except BaseException:
+                for old, bin_folder in zip(self.replaces, trash):  # put back what was moved aside
+                    if os.path.lexists(os.path.join(bin_folder, "old")) and not os.path.lexists(old):
+                        os.replace(os.path.join(bin_folder, "old"), old)
+                    shutil.rmtree(bin_folder, ignore_errors=True)
+                raise
+            for commit in self.after_commit:
+                commit()
         for bin_folder in trash:
             shutil.rmtree(bin_folder, ignore_errors=True)
 

@@ -384,6 +384,26 @@ def test_sigkill_leaves_a_partial_folder_that_the_next_run_removes(large_isic_re
     assert os.listdir(raw) == ["Dataset090_ISIC2018"]
 
 
+def test_a_failed_commit_puts_the_replaced_folder_back(tmp_path, monkeypatch):
+    from nnunetv2_hymunet import fs_safety
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if ".partial-" in str(src):  # the final rename of the new folder
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fs_safety.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        with fs_safety.AtomicFolder(str(target), "test") as temp:
+            open(os.path.join(temp, "new.txt"), "w").close()
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["old.txt"]
+
+
 # ================================================================ convert brats-back
 
 def test_brats_back_output_is_its_input(brats_predictions, capsys):
@@ -609,6 +629,19 @@ def test_evaluate_reference_folder_as_prediction(tmp_path, capsys):
     refused(evaluate_args(ref_dir, ref_dir, tmp_path / "out"), capsys, "--ref", "--pred", "same folder")
 
 
+def test_evaluate_rgb_reference_is_refused(tmp_path, capsys):
+    ref_dir, pred_dir = png_run(tmp_path, n_cases=2)
+    write_png(ref_dir / "case_1.png", np.zeros((24, 28, 3)))
+    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out"), capsys, ref_dir / "case_1.png", "3 channels")
+
+
+def test_evaluate_intensity_image_as_reference_is_refused(tmp_path, capsys):
+    """Without a dataset.json every distinct value would become a label (and an HD computation)."""
+    ref_dir, pred_dir = png_run(tmp_path, n_cases=1)
+    write_png(ref_dir / "case_0.png", np.arange(24 * 28).reshape(24, 28) % 200)
+    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out"), capsys, ref_dir / "case_0.png", "label map")
+
+
 # ================================================================ compare
 
 @pytest.fixture
@@ -756,6 +789,13 @@ def test_plan_malformed_source_plans(preprocessed, capsys):
 
 def test_doctor_unknown_argument(capsys):
     refused(["doctor", "--fix"], capsys, "--fix", code=2)
+
+
+def test_doctor_reports_a_bad_backend_setting_instead_of_failing(capsys, monkeypatch):
+    monkeypatch.setenv("HYMUNET_SCAN_BACKEND", "gpu-please")
+    code, out, err = run(["doctor"], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert "unavailable: HYMUNET_SCAN_BACKEND='gpu-please'" in out
 
 
 @pytest.mark.parametrize("argv, culprit, code", [

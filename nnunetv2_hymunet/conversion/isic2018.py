@@ -133,6 +133,8 @@ def convert_isic2018(input_dir: str, output_root: str, dataset_id: int, name: st
     splits_json = json.dumps(folds, indent=4).encode() if folds is not None else None
     staged = StagedFile(splits_path, splits_json, "--split-file (written to $nnUNet_preprocessed)") \
         if splits_json is not None and in_preprocessed else None
+    if staged is not None:
+        atomic.after_commit.append(staged.commit)
     try:
         with atomic as temp:
             for folder in sorted({os.path.dirname(p) for c in cases for p in (c[2], c[3]) if p is not None}):
@@ -149,8 +151,6 @@ def convert_isic2018(input_dir: str, output_root: str, dataset_id: int, name: st
             if splits_json is not None and not in_preprocessed:
                 with open(os.path.join(temp, "splits_final.json"), "wb") as f:
                     f.write(splits_json)
-        if staged is not None:
-            staged.commit()
     finally:
         if staged is not None:
             staged.discard()

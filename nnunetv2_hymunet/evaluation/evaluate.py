@@ -69,6 +69,7 @@ from nnunetv2_hymunet.fs_safety import check_files_target
 
 AUC_METRICS = ("auc_roc", "auc_pr")
 OUTPUT_FILES = ("metrics.json", "per_case.csv", "summary.md")
+MAX_LABELS_WITHOUT_DATASET_JSON = 64  # more distinct values than this: an intensity image given as a label map
 SCHEMA_VERSION = 1
 
 
@@ -150,6 +151,9 @@ def _read(reader, path: str, case: str, what: str):
         seg, properties = reader.read_seg(path)
     except Exception as e:  # any reader failure is the user's file, not our bug
         raise HyMUNetError(f"case {case}: cannot read {what} {path}: {type(e).__name__}: {e}") from None
+    if seg.shape[0] != 1:
+        raise HyMUNetError(f"case {case}: {what} {path} has {seg.shape[0]} channels (an RGB image?); expected a "
+                           "single-channel label map")
     spacing = check_spacing(properties["spacing"], f"case {case}: {what} {path}")
     return np.asarray(seg[0]), spacing, geometry_of(properties)
 
@@ -220,6 +224,10 @@ def evaluate_case(task: CaseTask) -> dict:
         values = set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())
         if probabilities is not None:
             values |= set(range(1, probabilities.shape[0]))
+        if len(values) > MAX_LABELS_WITHOUT_DATASET_JSON:
+            raise HyMUNetError(f"case {task.case}: {task.ref_file} and {task.pred_file} hold {len(values)} distinct "
+                               "values, which looks like an image rather than a label map; pass --dataset-json to "
+                               "name the labels if it really is one")
         targets = targets_from_values(values - {task.ignore_label})
     spacing = _apply_spacing_override(ref_spacing, task.spacing)
     metrics, histograms = {}, {}
