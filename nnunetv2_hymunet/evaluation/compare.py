@@ -307,6 +307,13 @@ def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: 
             raise HyMUNetError(f"--metrics: {', '.join(unknown)} not evaluated in every run ({common_metrics})")
         common_metrics = list(dict.fromkeys(metrics))
     checks = comparability(names, runs, labels, common_metrics, common_cases)
+    for name, run in zip(names, runs):  # say what the intersection leaves out
+        dropped = [lab["name"] for lab in run["labels"] if lab["name"] not in labels]
+        if dropped:
+            checks["notes"].append(f"label(s) {', '.join(dropped)} of {name} are not in every run and not compared")
+        dropped = [m for m in run["metrics"] if m not in common_metrics and metrics is None]
+        if dropped:
+            checks["notes"].append(f"metric(s) {', '.join(dropped)} of {name} are not in every run and not compared")
     if common_cases:
         shared = set.intersection(*({c["case"] for c in r["per_case"]} for r in runs))
         runs = [_restricted(r, shared, labels, [m for m in r["metrics"]]) for r in runs]

@@ -35,8 +35,8 @@ def _preprocessed_dataset_folder(dataset: str) -> str:
                            "folder, see nnU-Net's documentation/set_environment_variables.md)")
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise HyMUNetError(f"dataset {dataset!r}: {e}") from e
+    except RuntimeError as e:  # nnU-Net's message goes on to list the environment over several lines
+        raise HyMUNetError(f"-d {dataset!r}: {str(e).strip().splitlines()[0]}") from None
     return os.path.join(str(nnUNet_preprocessed), dataset_name)
 
 
