@@ -18,9 +18,9 @@ def test_benchmark_end_to_end_is_resumable(tmp_path):
     env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
            "nnUNet_results": str(tmp_path / "res"), "OMP_NUM_THREADS": "1"}
     subprocess.run([*HYMUNET, "benchmark", "make-suite", "-o", str(tmp_path / "raw"), "--size", "tiny",
-                    "--tasks", "SynthLesion2D", "SynthLongRange2D"], env=env, check=True)
+                    "--tasks", "SynthLesion2D", "SynthOppositeKey2D"], env=env, check=True)
     report_dir = tmp_path / "report"
-    command = [*HYMUNET, "benchmark", "run", "-d", "971", "973", "-c", "2d", "-tr", "nnUNetTrainer",
+    command = [*HYMUNET, "benchmark", "run", "-d", "971", "974", "-c", "2d", "-tr", "nnUNetTrainer",
                "nnUNetTrainerHyMUNet", "-f", "0", "--device", "cpu", "--epochs", "2", "--iterations", "2",
                "--val-iterations", "1", "--num-processes", "1", "--n-proc-da", "0", "--profile-repeats", "1",
                "--profile-threads", "1",
@@ -31,9 +31,10 @@ def test_benchmark_end_to_end_is_resumable(tmp_path):
     ledger = [json.loads(line) for line in open(report_dir / "runs.jsonl")]
     assert sorted(e["action"] for e in ledger) == ["preprocess"] * 2 + ["train"] * 4
     report = (report_dir / "report.md").read_text()
-    for text in ("Dataset971_SynthLesion2D", "Dataset973_SynthLongRange2D", "| nnUNetTrainerHyMUNet |",
-                 "### lesion", "### blob_bright_marker", "Params (M)"):
+    for text in ("Dataset971_SynthLesion2D", "Dataset974_SynthOppositeKey2D", "| nnUNetTrainerHyMUNet |",
+                 "### lesion", "### blob_key_bright", "### Blob-class accuracy", "Params (M)"):
         assert text in report
+    assert len(list((report_dir / "runs").glob("Dataset*/*/fold0.json"))) == 4  # one small summary per run
     assert "data:image/png;base64," in (report_dir / "report.html").read_text()
     checkpoints = sorted((tmp_path / "res").glob("Dataset*/*__nnUNetPlans__2d/fold_0/checkpoint_final.pth"))
     assert len(checkpoints) == 4

@@ -15,7 +15,7 @@ convolutions alone. Two ways, which agree on nnU-Net's PlainConvUNet (tested):
 - `measured_receptive_field`: the support of the gradient of output pixels with respect to the input, for the network
   a trainer builds from the plans, with its instance norms replaced by identity (norm_op=None: instance-norm statistics
   are the one global path a conv-only network has; the task defeats it by giving both classes the same global
-  intensity statistics) in eval mode, in float64.
+  intensity statistics) in eval mode.
 """
 
 import json
@@ -118,16 +118,28 @@ def measured_receptive_field(plan, trainer: str, repeats: int = 2) -> list:
     set_deep_supervision(network, False)
     _without_spatial_norms(network)
     arch = plan.configuration_dict["architecture"]["arch_kwargs"]
-    network = network.double().eval()
+    network = network.eval()
     patch = [int(p) for p in plan.configuration_dict["patch_size"]]
     total_stride = np.prod(np.array([_per_axis(s, len(patch)) for s in arch["strides"]]), axis=0)
     generator = torch.Generator().manual_seed(0)
     rf = [0] * len(patch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convs: extra threads only spin (many times slower on a busy machine)
+    try:
+        _support_extents(network, input_channels, patch, total_stride, repeats, generator, rf)
+    finally:
+        torch.set_num_threads(threads)
+    return rf
+
+
+def _support_extents(network, input_channels, patch, total_stride, repeats, generator, rf) -> None:
+    import torch
+
     for phase in range(int(total_stride.max())):
         centre = tuple(p // 2 + phase % int(t) for p, t in zip(patch, total_stride))
         support = torch.zeros(patch, dtype=torch.bool)
         for _ in range(repeats):  # a second input guards against an exactly zero gradient by chance
-            x = torch.randn((1, input_channels, *patch), dtype=torch.float64,
+            x = torch.randn((1, input_channels, *patch),
                             generator=generator, requires_grad=True)
             network(x)[(0, slice(None), *centre)].sum().backward()
             support |= (x.grad[0].abs().sum(0) > 0)
@@ -136,7 +148,6 @@ def measured_receptive_field(plan, trainer: str, repeats: int = 2) -> list:
             hit = np.nonzero(support.any(dim=other).numpy() if other else support.numpy())[0]
             touches = hit[0] == 0 or hit[-1] == patch[axis] - 1
             rf[axis] = max(rf[axis], patch[axis] if touches else int(hit[-1] - hit[0] + 1))
-    return rf
 
 
 def read_min_distance(dataset_json: dict, source: str) -> int:
@@ -177,15 +188,20 @@ def write_long_range_plans(dataset: str, configuration: str = "2d", source_plans
     plans = cut_plans(plan.plans, configuration, n_stages)
     cut = ProfilePlan(plans, configuration, plan.dataset_json, plan.source, plan.case_shape)
     analytic = conv_receptive_field(plans["configurations"][configuration]["architecture"]["arch_kwargs"], dim)
+
+    def refuse_unless_below(largest):
+        if min_distance is not None and largest >= min_distance:
+            raise HyMUNetError(f"{plan.source}: with {n_stages} stages the conv-only receptive field ({largest} px) is "
+                               f"not smaller than the minimum blob-marker distance ({min_distance} px); use fewer "
+                               "--stages")
+
+    refuse_unless_below(max(analytic))  # before the (slower) measurement
     measured = {t: measured_receptive_field(cut, t) for t in trainers}
-    largest = max([max(analytic)] + [max(m) for m in measured.values()])
     log(f"{LONG_RANGE_PLANS}: {n_stages} stages of {source_plans}'s {arch['n_stages']}; conv-only receptive field "
         f"{'x'.join(map(str, analytic))} px (analytic walk), measured "
         + ", ".join(f"{t} {'x'.join(map(str, m))}" for t, m in measured.items())
         + (f"; minimum blob-marker distance {min_distance} px" if min_distance else ""))
-    if min_distance is not None and largest >= min_distance:
-        raise HyMUNetError(f"{plan.source}: with {n_stages} stages the conv-only receptive field ({largest} px) is not "
-                           f"smaller than the minimum blob-marker distance ({min_distance} px); use fewer --stages")
+    refuse_unless_below(max(max(m) for m in measured.values()) if measured else 0)
     plans[DATASET_KEY] = {"source_plans": source_plans, "n_stages": n_stages, "receptive_field_px": analytic,
                           "measured_receptive_field_px": measured, "min_marker_distance_px": min_distance}
     path = os.path.join(folder, LONG_RANGE_PLANS + ".json")

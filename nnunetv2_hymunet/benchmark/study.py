@@ -5,6 +5,7 @@ scores per case, training curves per epoch): what a study commits instead of nnU
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -189,7 +190,8 @@ def _dataset_entry(dataset, configuration, runs, models, output_dir, device, pro
 
 
 def _rounded(values, digits: int = 4) -> list:
-    return [None if v is None else round(float(v), digits) for v in values]
+    """Rounded numbers; None for anything not a finite number (JSON has no NaN)."""
+    return [round(float(v), digits) if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
 
 
 def run_summary(run) -> dict:
@@ -206,17 +208,18 @@ def run_summary(run) -> dict:
                             weights_only=False)
     logging = checkpoint.get("logging", {})
     starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
-    per_case = [{"case": os.path.basename(c.get("reference_file", "")),
-                 "dice": {label: round(m["Dice"], 4) if isinstance(m.get("Dice"), float) else None
-                          for label, m in c.get("metrics", {}).items()}} for c in validation.get("metric_per_case", [])]
+    dataset_json = os.path.join(nnUNet_preprocessed, run.dataset, "dataset.json")
+    ending = read_json_file(dataset_json, "dataset.json").get("file_ending", "")
+    per_case = [{"case": os.path.basename(c.get("reference_file", ""))[:-len(ending) or None],
+                 "dice": {label: _rounded([m.get("Dice")])[0] for label, m in c.get("metrics", {}).items()}}
+                for c in validation.get("metric_per_case", [])]
     summary = {"dataset": run.dataset, "configuration": run.configuration, "model": run.model.label,
                "trainer": run.trained_trainer, "plans": run.model.plans, "fold": run.fold, "seed": run.seed,
                "epochs": len(logging.get("train_losses", [])),
                "seconds_per_epoch": _rounded([e - s for s, e in zip(starts, ends)], 1),
                "curves": {k: _rounded(logging.get(k, [])) for k in ("train_losses", "val_losses", "ema_fg_dice")},
-               "validation": {"foreground_mean_dice": validation.get("foreground_mean", {}).get("Dice"),
+               "validation": {"foreground_mean_dice": _rounded([validation.get("foreground_mean", {}).get("Dice")])[0],
                               "per_case": per_case}}
-    dataset_json = os.path.join(nnUNet_preprocessed, run.dataset, "dataset.json")
     if is_long_range_dataset(dataset_json):
         scores = score_folder(os.path.join(run.fold_folder, "validation"),
                               os.path.join(nnUNet_preprocessed, run.dataset, "gt_segmentations"), dataset_json)
