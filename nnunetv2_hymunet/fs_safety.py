@@ -134,11 +134,12 @@ def check_replaceable(path: str, flag: str, inputs: Mapping[str, str | None], ov
                            "hymunet's own outputs: remove it yourself or choose another folder")
 
 
-def write_marker(folder: str, command: str, files: Iterable[str] | None = None) -> None:
-    """The marker: `files` None = this tool wrote the whole folder; else only those files (relative paths)."""
+def write_marker(folder: str, command: str, files: Iterable[str] | None = None, whole_folder: bool = True) -> None:
+    """The marker: whole_folder = this tool wrote the whole folder (else only `files`); `files` lists what the
+    file-writing commands put there (relative paths), so that a re-run can remove its own stale files."""
     from nnunetv2_hymunet import __version__
 
-    marker = {"written_by": f"hymunet {command}", "version": __version__, "whole_folder": files is None}
+    marker = {"written_by": f"hymunet {command}", "version": __version__, "whole_folder": whole_folder}
     if files is not None:
         marker["files"] = sorted(set(files))
     with open(os.path.join(folder, MARKER), "w") as f:
@@ -280,6 +281,7 @@ class AtomicFolder:
         self._created: list[str] = []
         # renames that must happen together with this one (e.g. a StagedFile's commit), under the same signal block
         self.after_commit: list[Callable[[], None]] = []
+        self.marker_files: list[str] | None = None  # what write_files_into put there
 
     def __enter__(self) -> str:
         self._created = _make_parents(self.parent)
@@ -303,7 +305,7 @@ class AtomicFolder:
             raise HyMUNetError(f"{self.target} appeared while this run was writing (another run?); nothing was "
                                "replaced")
         os.remove(os.path.join(self.temp, OWNER_FILE))
-        write_marker(self.temp, self.command)
+        write_marker(self.temp, self.command, self.marker_files)
         apply_default_permissions(self.temp)
         with _signals_deferred():
             # move replaced folders aside first so that the new one is in place before anything is deleted
@@ -349,7 +351,9 @@ def write_files_into(out_dir: str, writers: Mapping[str, Callable[[str], None]],
     only when this tool wrote that folder (else an existing file of the same name is an error). Returns the paths."""
     out_dir, owned = check_files_target(out_dir, writers, flag, inputs)
     if not os.path.isdir(out_dir):
-        with AtomicFolder(out_dir, command, replaces=[]) as temp:
+        atomic = AtomicFolder(out_dir, command, replaces=[])
+        atomic.marker_files = list(writers)
+        with atomic as temp:
             for rel, writer in writers.items():
                 os.makedirs(os.path.dirname(os.path.join(temp, rel)), exist_ok=True)
                 writer(os.path.join(temp, rel))
@@ -366,10 +370,30 @@ def write_files_into(out_dir: str, writers: Mapping[str, Callable[[str], None]],
                 apply_default_permissions(os.path.join(temp, rel))
                 os.replace(os.path.join(temp, rel), os.path.join(out_dir, rel))
             if owned is not None:
-                write_marker(out_dir, command, owned | set(writers))
+                write_marker(out_dir, command, owned | set(writers), whole_folder=False)
+            else:
+                write_marker(out_dir, command, set((read_marker(out_dir) or {}).get("files", [])) | set(writers))
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return [os.path.join(out_dir, rel) for rel in writers]
+
+
+def remove_stale_outputs(out_dir: str, current: Iterable[str], subfolders: Iterable[str]) -> list[str]:
+    """Remove the files below `subfolders` of out_dir that an earlier run listed in the marker and this run did not
+    write (e.g. the plots of a run no longer compared). Other files are never touched. Returns the removed paths."""
+    marker = read_marker(out_dir)
+    if marker is None or not isinstance(marker.get("files"), list):
+        return []
+    current, prefixes = set(current), tuple(sub.rstrip("/") + "/" for sub in subfolders)
+    removed = [rel for rel in marker["files"] if rel.startswith(prefixes) and rel not in current
+               and ".." not in rel.split("/") and os.path.isfile(os.path.join(out_dir, rel))]
+    for rel in removed:
+        os.remove(os.path.join(out_dir, rel))
+        _remove_if_empty([os.path.dirname(os.path.join(out_dir, rel))])
+    if removed:
+        write_marker(out_dir, marker.get("written_by", "hymunet ?").replace("hymunet ", "", 1),
+                     set(marker["files"]) - set(removed), whole_folder=marker.get("whole_folder") is True)
+    return removed
 
 
 # ---------------------------------------------------------------- atomic files

@@ -735,6 +735,17 @@ def test_compare_different_fov_is_refused(two_runs, tmp_path, capsys):
     refused(["compare", run_a, run_c, "-o", tmp_path / "cmp"], capsys, "field-of-view")
 
 
+def test_compare_rerun_removes_its_own_stale_plots_only(two_runs, tmp_path, capsys):
+    run_a, run_b = two_runs[3]
+    out = tmp_path / "cmp"
+    assert succeeds(["compare", run_a, run_b, "-o", out, "--overlays", "2"])
+    assert len(list((out / "overlays" / "run_a").glob("*.png"))) == 2
+    (out / "overlays" / "my_sketch.png").write_bytes(b"user")
+    assert succeeds(["compare", run_a, run_b, "-o", out, "--overlays", "1"])
+    assert len(list((out / "overlays" / "run_a").glob("*.png"))) == 1  # not 2: the old worst case is gone
+    assert (out / "overlays" / "my_sketch.png").read_bytes() == b"user"  # not written by compare: kept
+
+
 def test_compare_same_run_twice_and_output_into_a_run(two_runs, tmp_path, capsys):
     run_a, run_b = two_runs[3]
     refused(["compare", run_a, run_a, "-o", tmp_path / "cmp"], capsys, run_a, "more than once")

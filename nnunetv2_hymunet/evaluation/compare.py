@@ -24,7 +24,7 @@ from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.evaluation.evaluate import SCHEMA_VERSION, metric_header
 from nnunetv2_hymunet.evaluation.metrics import COUNT_KEYS, DISTANCE_METRICS
 from nnunetv2_hymunet.evaluation.outputs import write_json, write_output_folder, write_text
-from nnunetv2_hymunet.fs_safety import check_files_target
+from nnunetv2_hymunet.fs_safety import check_files_target, remove_stale_outputs
 
 BOXPLOT_METRICS = ("dice", "iou", "precision", "recall", "hd", "hd95", "assd")
 
@@ -368,6 +368,8 @@ def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: 
                 lambda p, run=run, case=case: _overlay(p, run, case)
             )
     write_output_folder(out_dir, writers, command="compare", inputs=inputs)
+    # plots of an earlier comparison in this folder (another run set, more overlays) would be mistaken for these
+    remove_stale_outputs(os.path.abspath(out_dir), writers, ("boxplots", "overlays"))
     return result
 
 
