@@ -336,7 +336,9 @@ def test_compute_conv_feature_map_size():
     sizes = [HyMUNet(input_channels=3, num_classes=2, n_mamba_stages=k, **kwargs).compute_conv_feature_map_size(
         (256, 256)) for k in (0, 3, 6)]
     assert sizes[0] < sizes[1] < sizes[2]
-    assert plain < sizes[0] < 3 * plain  # same conv skeleton plus the residual projections and the MGF gates
+    # the same conv maps (the residual projections and the MGF gates recompute instead of keeping theirs), and one
+    # decoder conv fewer at the hybrid levels (tests/test_network_memory.py checks the estimate against measurement)
+    assert 0.9 * plain < sizes[0] < 1.1 * plain
     net3d = HyMUNet(input_channels=1, num_classes=2, **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_ANISO))
     assert net3d.compute_conv_feature_map_size((28, 256, 256)) > 0
     with pytest.raises(HyMUNetError, match="spatial size only"):

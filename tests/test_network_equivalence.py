@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nnunetv2_hymunet.network import HyMUNet
+from nnunetv2_hymunet.network.hybrid_encoder import RecomputedSkip
 from nnunetv2_hymunet.network.mamba_layer import MambaLayer
 from nnunetv2_hymunet.network.mgf_skip import MambaGuidedFusion
 from tests.test_network import plans_kwargs
@@ -112,8 +113,8 @@ def test_mgf_matches_previous_implementation(dim, gate_norm):
 
 
 def test_whole_network_matches_previous_implementation(monkeypatch):
-    """Every Mamba layer and MGF gate of a small 2D HyMUNet swapped back to the previous code: same outputs and
-    gradients for every parameter (deep supervision on, as in training)."""
+    """Every Mamba layer, MGF gate and recomputed residual projection of a small 2D HyMUNet swapped back to the
+    previous code: same outputs and gradients for every parameter (deep supervision on, as in training)."""
     torch.manual_seed(0)
     net = HyMUNet(input_channels=2, num_classes=3, deep_supervision=True, n_mamba_stages=3,
                   **plans_kwargs(2, (4, 8, 8, 8), [[1, 1], [2, 2], [2, 2], [2, 2]])).double()
@@ -128,9 +129,11 @@ def test_whole_network_matches_previous_implementation(monkeypatch):
         sum((o * torch.randn_like(o)).sum() for o in out).backward()
         return [o.detach() for o in out], {n: p.grad.clone() for n, p in net.named_parameters()}
 
+    assert any(isinstance(m, RecomputedSkip) for m in net.modules())
     new = run()
     monkeypatch.setattr(MambaLayer, "forward", previous_mamba_layer_forward)
     monkeypatch.setattr(MambaGuidedFusion, "forward", previous_mgf_forward)
+    monkeypatch.setattr(RecomputedSkip, "forward", nn.Sequential.forward)
     old = run()
     for a, b in zip(new[0], old[0]):
         torch.testing.assert_close(a, b, **TOL)

@@ -179,14 +179,15 @@ class MambaLayer(nn.Module):
         return direction_scan(mamba, x_in, direction, spatial)
 
     def feature_map_size(self, spatial_size: Sequence[int]) -> int:
-        """Activations this layer keeps per sample, counted the way the DNA networks count conv outputs."""
+        """Activations this layer keeps per sample for backward, in the unit of DNA's counts (one map per conv,
+        where a conv block really keeps two: its norm's input and its nonlinearity's output), so half of the values
+        kept per token: in_proj's input (C), its output x|z (2 d_inner), the merged scan output, SiLU(z) and the gated
+        product out_proj reads (3 d_inner; x|z and these three per direction when each has its own Mamba), the
+        layer-scaled output (C, with layer_scale). The per-direction scans keep nothing (recomputed)."""
         n_tokens = int(np.prod(spatial_size, dtype=np.int64))
-        m = self.mamba_modules[0]
-        # outputs of the linear/conv ops, the convention of DNA's counts (norm and activation outputs not counted)
-        per_sequence_token = (2 * m.d_inner  # in_proj (x and z)
-                              + m.d_inner  # causal conv
-                              + m.dt_rank + 2 * m.d_state  # x_proj
-                              + m.d_inner  # delta
-                              + m.d_inner  # gated scan output
-                              + self.channels)  # out_proj
-        return n_tokens * (len(self.directions) * per_sequence_token + self.channels)  # + merged residual output
+        d_inner = self.mamba_modules[0].d_inner
+        n_mamba = len(self.mamba_modules)
+        kept = self.channels + n_mamba * 5 * d_inner + (self.channels if self.layer_scale is not None else 0)
+        if not self.recompute:
+            kept += len(self.directions) * 8 * d_inner  # conv input/output, u, step sizes, scan checkpoints
+        return n_tokens * kept // 2
