@@ -616,6 +616,7 @@ def test_evaluate_keeps_files_it_did_not_write(tmp_path, capsys):
     (["--percentile", "0"], "--percentile"),
     (["--percentile", "nan"], "--percentile"),
     (["--hd95", "median"], "--hd95"),
+    (["--units", " "], "--units"),
 ])
 def test_evaluate_bad_arguments(tmp_path, capsys, extra, culprit):
     ref_dir, pred_dir = png_run(tmp_path)

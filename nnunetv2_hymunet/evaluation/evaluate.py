@@ -349,6 +349,8 @@ def evaluate_folders(
         raise HyMUNetError(f"--percentile must be in (0, 100], got {percentile}")
     if num_workers < 1:
         raise HyMUNetError(f"--num-workers must be at least 1, got {num_workers}")
+    if units is not None and not units.strip():
+        raise HyMUNetError("--units: empty unit name")
     if spacing is not None:
         spacing = check_spacing(spacing, "--spacing")
     for flag, folder in (("--ref", ref_dir), ("--pred", pred_dir), ("--fov", fov_dir)):
