@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_dataset_json, tiny_plans
 
+from nnunetv2_hymunet.benchmark import learning_check
 from nnunetv2_hymunet.training import diagnostics as diag
 from nnunetv2_hymunet.training import (
     nnUNetTrainerHyMUNet,
@@ -15,7 +16,6 @@ from nnunetv2_hymunet.training import (
 from nnunetv2_hymunet.training.optimization import (
     GroupPolyLRScheduler,
     HybridOptimizer,
-    is_selective_scan_parameter,
     split_parameters,
 )
 
@@ -52,13 +52,6 @@ def _batches(trainer, n: int, seed: int = 0, size: int = 32):
                    if any(s != 1 for s in scale) else seg_t for scale in scales]
         batches.append({"data": torch.from_numpy(data), "target": targets})
     return batches
-
-
-def _zero_gradient_twin(trainer):
-    """The same trainer, but its loss is multiplied by 0: weight decay alone moves its weights."""
-    loss = trainer.loss
-    trainer.loss = lambda output, target: 0.0 * loss(output, target)
-    return trainer
 
 
 # --- optimizer ---
@@ -177,37 +170,27 @@ def test_checkpoint_restores_every_optimizer_state(tmp_path, monkeypatch):
 # --- the Mamba layers learn ---
 
 
-def _gradient_driven_change(trainer_class, tmp_path, monkeypatch, steps: int):
+def _gradient_driven_change(trainer_class, steps: int):
     """Median relative change of conv weights and of scan parameters, minus what weight decay alone does."""
-    torch.manual_seed(0)
-    live = _trainer(trainer_class, tmp_path, monkeypatch, "live")
-    torch.manual_seed(0)
-    twin = _zero_gradient_twin(_trainer(trainer_class, tmp_path, monkeypatch, "twin"))
-    initial = {n: p.detach().clone() for n, p in live.network.named_parameters()}
-    batches = _batches(live, steps)
-    for trainer in (live, twin):
-        trainer.on_train_epoch_start()
-        for batch in batches:
-            trainer.train_step(batch)
-    twin_params = dict(twin.network.named_parameters())
-    change = {n: float((p.detach() - twin_params[n].detach()).norm() / initial[n].norm().clamp_min(1e-12))
-              for n, p in live.network.named_parameters()}
-    conv = [v for n, v in change.items() if "mamba" not in n and n.endswith("weight") and initial[n].ndim >= 4]
-    scan = [v for n, v in change.items() if is_selective_scan_parameter(n)]
-    assert len(scan) >= 4 * 2 and len(conv) > 10
-    assert {part for n in change if is_selective_scan_parameter(n) for part in SCAN_PARAMETER_NAMES if part in n} == \
+    changes = learning_check.gradient_driven_change(trainer_class, steps)
+    conv, scan = changes[learning_check.CATEGORIES[0]], changes[learning_check.CATEGORIES[2]]
+    assert len(conv) > 10 and {part for n in scan for part in SCAN_PARAMETER_NAMES if part in n} == \
         set(SCAN_PARAMETER_NAMES)
-    return float(np.median(conv)), float(np.median(scan))
+    return float(np.median(list(conv.values()))), float(np.median(list(scan.values())))
 
 
-def test_scan_parameters_move_at_least_a_hundredth_as_much_as_conv_weights(tmp_path, monkeypatch):
-    conv, scan = _gradient_driven_change(nnUNetTrainerHyMUNet, tmp_path, monkeypatch, steps=25)
+def test_scan_parameters_move_at_least_a_hundredth_as_much_as_conv_weights(monkeypatch):
+    monkeypatch.setenv("nnUNet_results", "")  # restored after the test (learning_check sets them)
+    monkeypatch.setenv("nnUNet_preprocessed", "")
+    conv, scan = _gradient_driven_change(nnUNetTrainerHyMUNet, steps=25)
     assert conv > 0 and scan >= 1e-2 * conv, (conv, scan)
 
 
-def test_nnunet_sgd_recipe_leaves_the_scan_parameters_where_they_started(tmp_path, monkeypatch):
+def test_nnunet_sgd_recipe_leaves_the_scan_parameters_where_they_started(monkeypatch):
+    monkeypatch.setenv("nnUNet_results", "")
+    monkeypatch.setenv("nnUNet_preprocessed", "")
     # the failure the recipe fixes: shows that the test above can tell the two recipes apart
-    conv, scan = _gradient_driven_change(nnUNetTrainerHyMUNet_nnUNetSGD, tmp_path, monkeypatch, steps=25)
+    conv, scan = _gradient_driven_change(nnUNetTrainerHyMUNet_nnUNetSGD, steps=25)
     assert conv > 0 and scan < 1e-2 * conv, (conv, scan)
 
 
