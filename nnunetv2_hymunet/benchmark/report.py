@@ -235,8 +235,9 @@ def ablation_findings(entry: dict, tests: list) -> list:
 
 def _label_values(metrics: dict, label: str, metric: str) -> tuple:
     """(per-seed mean as the evaluation aggregated it, {case: value})."""
-    mean = metrics["per_label"].get(label, {}).get(metric, {}).get("mean", float("nan"))
-    return mean, {c["case"]: float(c["metrics"].get(label, {}).get(metric, float("nan"))) for c in metrics["per_case"]}
+    mean = metrics["per_label"].get(label, {}).get(metric, {}).get("mean")
+    by_case = {c["case"]: c["metrics"].get(label, {}).get(metric) for c in metrics["per_case"]}
+    return mean, {case: float(v) if _finite(v) else float("nan") for case, v in by_case.items()}
 
 
 def _blob_values(metrics: dict, key: str) -> tuple:
