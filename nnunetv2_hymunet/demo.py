@@ -10,13 +10,11 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from collections import deque
 
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.nnunet_tools import run_logged
 
 DEMO_DATASET_ID = 990
 DEMO_DATASET_NAME = "HyMUNetDemo"
@@ -39,42 +37,17 @@ class Progress:
         print(f"[{int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {message}", flush=True)
 
 
-def find_executable(name: str) -> str:
-    """The nnU-Net console script of this environment (next to the running interpreter), else from PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), name)
-    found = here if os.path.isfile(here) and os.access(here, os.X_OK) else shutil.which(name)
-    if not found:
-        raise HyMUNetError(f"{name} not found next to {sys.executable} or on PATH: is nnunetv2 installed in this "
-                           "environment?")
-    return found
-
-
 def run_stage(progress: Progress, title: str, command: list, env: dict, log_path: str, show_live: bool = True):
     """Run one nnU-Net command, showing its key lines with elapsed time; the full output goes to `log_path`."""
     progress.say(f"{title}: {' '.join(os.path.basename(c) if i == 0 else c for i, c in enumerate(command))}")
-    tail = deque(maxlen=40)
-    started = time.monotonic()
-    with open(log_path, "w") as log, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                                     stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                line = _TIMESTAMP.sub("", line.rstrip())
-                tail.append(line)
-                if show_live and line and _INTERESTING.search(line):
-                    progress.say(f"  {line}")
-        except BaseException:  # Ctrl-C / SIGTERM: stop the nnU-Net command too (Popen's exit would wait for it)
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-        code = proc.wait()
-    if code != 0:
-        print("\n".join(tail), file=sys.stderr)
-        raise HyMUNetError(f"{title} failed (exit code {code}); last lines above, full output in {log_path}")
-    progress.say(f"{title}: done in {time.monotonic() - started:.0f} s")
+
+    def show(line: str) -> None:
+        line = _TIMESTAMP.sub("", line.rstrip())
+        if show_live and line and _INTERESTING.search(line):
+            progress.say(f"  {line}")
+
+    seconds = run_logged(command, log_path, env, on_line=show, title=title)
+    progress.say(f"{title}: done in {seconds:.0f} s")
 
 
 def demo_environment(workdir: str, epochs: int, iterations: int, device: str) -> dict:
@@ -152,16 +125,16 @@ def run_demo(workdir: str = None, epochs: int = DEFAULT_EPOCHS, iterations: int 
         dataset = str(DEMO_DATASET_ID)
         logs = os.path.join(workdir, "logs")
         run_stage(progress, "plan and preprocess",
-                  [find_executable("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "2",
+                  ["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "2d", "-np", "2",
                    "-npfp", "2"], env, os.path.join(logs, "plan_and_preprocess.log"))
         train_env = dict(env, nnUNet_n_proc_DA="1" if device == "cpu" else "4")
         progress.say(f"training {DEMO_TRAINER} on fold 0: {epochs} epochs x {iterations} iterations, then nnU-Net's "
                      "validation of the fold")
-        run_stage(progress, "train", [find_executable("nnUNetv2_train"), dataset, "2d", "0", "-tr", DEMO_TRAINER,
+        run_stage(progress, "train", ["nnUNetv2_train", dataset, "2d", "0", "-tr", DEMO_TRAINER,
                                       "-device", device], train_env, os.path.join(logs, "train.log"))
         predictions = os.path.join(workdir, "predictions")
         run_stage(progress, "predict held-out images",
-                  [find_executable("nnUNetv2_predict"), "-i", os.path.join(raw_folder, "imagesTs"), "-o", predictions,
+                  ["nnUNetv2_predict", "-i", os.path.join(raw_folder, "imagesTs"), "-o", predictions,
                    "-d", dataset, "-c", "2d", "-f", "0", "-tr", DEMO_TRAINER, "-device", device, "-npp", "1", "-nps",
                    "1"], env, os.path.join(logs, "predict.log"))
         per_case = evaluate_predictions(predictions, test_labels)

@@ -8,7 +8,7 @@
   success; what it replaces is moved aside first and removed only after the rename, so a failure at any point leaves
   either the old or the new folder. A partial folder records its owner (host, pid, process start time); partial
   folders whose owner is gone (SIGKILL, power loss) are removed by the next run that writes beside them.
-- `atomic_write_bytes` / `atomic_write_text`: the same for single files.
+- `atomic_write_bytes` / `atomic_write_text` / `atomic_path`: the same for single files.
 - `terminate_as_exception`: SIGTERM (what SLURM sends at a time limit) and SIGHUP raise `Terminated`, so the clean-up
   above runs as it does for Ctrl-C.
 Files and folders get the permissions the umask allows (mkstemp/mkdtemp would make them 0600/0700), so shared group
@@ -398,20 +398,28 @@ def remove_stale_outputs(out_dir: str, current: Iterable[str], subfolders: Itera
 
 # ---------------------------------------------------------------- atomic files
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write beside the target under a temporary name, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ".partial", executable: bool = False):
+    """Yields a temporary path beside `path` for the caller (or a compiler) to write; renamed onto `path` on success
+    (mode 0666, or 0777 if `executable`, minus the umask), removed on any exception: readers, and concurrent writers
+    of the same file, never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
+    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        apply_default_permissions(temp)
+        yield temp
+        os.chmod(temp, (0o777 if executable else 0o666) & ~current_umask())
         os.replace(temp, path)
-    except BaseException:
+    finally:
         if os.path.exists(temp):
             os.unlink(temp)
-        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write beside the target under a temporary name, then rename: readers never see half a file."""
+    with atomic_path(path) as temp, open(temp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -200,9 +200,7 @@ def main():
             print(f"\n{method} import + first fwd+bwd call (float32, d=64, L=300): "
                   + ", ".join(f"{k}: {v:.1f} s" for k, v in first.items()))
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({f"{d},{L}": v for (d, L), v in results.items()}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        atomic_write_text(args.json, json.dumps({f"{d},{L}": v for (d, L), v in results.items()}, indent=1))
     return 0
 
 

@@ -9,20 +9,17 @@ Everything here is generic (no HyMUNet specifics) so that any test module can us
 """
 
 import os
-import shutil
-import subprocess
-import sys
-import time
+import tempfile
 
 import pytest
 
-BIN = os.path.dirname(sys.executable)
+from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.nnunet_tools import find_executable, run_logged
 
 
 def executable(name: str) -> str:
     """A console script of the environment running the tests (nnUNetv2_train, hymunet, ...)."""
-    path = os.path.join(BIN, name)
-    return path if os.path.isfile(path) else (shutil.which(name) or name)
+    return find_executable(name)
 
 
 @pytest.fixture(scope="session")
@@ -47,15 +44,16 @@ def nnunet_env(folders: dict, **extra) -> dict:
 
 def run_cli(command: list, env: dict, timeout: float = 600) -> str:
     """Run a command; return its combined output, or fail the test showing the end of it."""
-    if not os.path.isabs(command[0]):
-        command = [executable(command[0])] + list(command[1:])
-    started = time.monotonic()
-    proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
-    print(f"[{time.monotonic() - started:6.1f} s] {' '.join(os.path.basename(c) for c in command[:2])} ...")
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited with {proc.returncode}:\n{proc.stdout[-6000:]}")
-    return proc.stdout
+    with tempfile.TemporaryDirectory() as folder:
+        log = os.path.join(folder, "output.log")
+        try:
+            seconds = run_logged(command, log, env, timeout=timeout)
+        except HyMUNetError as e:  # the log goes with the temporary folder: show more of it than the error quotes
+            with open(log) as f:
+                pytest.fail(f"{' '.join(map(str, command))}: {str(e).splitlines()[0]}\n{f.read()[-6000:]}")
+        print(f"[{seconds:6.1f} s] {' '.join(os.path.basename(str(c)) for c in command[:2])} ...")
+        with open(log) as f:
+            return f.read()
 
 
 def write_tiny_2d_dataset(raw_root: str, dataset_id: int, num_train: int = 10, num_test: int = 2, size: int = 32,

@@ -18,13 +18,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from nnunetv2_hymunet.fs_safety import atomic_path
 from nnunetv2_hymunet.ssm.blocked_scan import BlockedScan, check_cpu_inputs
 
 SOURCE = Path(__file__).with_name("scan_native.c")
@@ -83,9 +83,7 @@ def _build(dtype: torch.dtype) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # build beside the target and rename, so concurrent first uses never load a half-written library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(str(target), suffix=".so", executable=True) as tmp:
         for extra in ATTEMPTS:
             result = subprocess.run([cc, *FLAGS, *extra, *defines, str(SOURCE), "-o", tmp], capture_output=True,
                                     text=True)
@@ -93,10 +91,6 @@ def _build(dtype: torch.dtype) -> Path:
                 break
         else:
             raise NativeBuildError(f"{cc} failed to compile {SOURCE.name}:\n{result.stderr.strip()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

@@ -10,10 +10,16 @@ Backends (environment variable HYMUNET_SCAN_BACKEND=auto|cuda|native|numba|torch
 auto picks cuda for CUDA tensors when mamba_ssm imports; for CPU tensors native when it builds, else numba when numba
 imports, else torch.
 Asking for a backend that cannot run on the given tensors raises instead of silently falling back.
+
+FLOPs: `counting_scan_flops()` routes the scan's forward through the torch custom op `hymunet::selective_scan`,
+whose FLOP formula (`selective_scan_flops`) is registered with torch.utils.flop_counter, so FlopCounterMode counts the
+scan (it cannot see inside the backends) and fake or meta tensors get their output shapes without running it.
 """
 
+import contextlib
 import functools
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +127,14 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     Returns out (batch, dim, L) in u's dtype, and the last state (batch, dim, N) in the compute dtype when
     return_last_state. The recurrence runs in float32 (float64 for float64 inputs), also under autocast.
     """
+    if _counting and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                           for t in (u, delta, A, B, C, D, z, delta_bias))):
+        out, last_state = _counted_scan_op()(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+        return (out, last_state) if return_last_state else out
+    return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
     backend = resolve_backend(u.device)
     if backend == "cuda":
         return mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -146,3 +160,59 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             y = y * F.silu(z.to(compute_dtype))
         out = y.to(u.dtype)
     return (out, last_state) if return_last_state else out
+
+
+# ---------------------------------------------------------------- FLOP counting
+
+_counting = False
+
+
+def selective_scan_flops(batch: int, dim: int, length: int, d_state: int, D: bool = False, z: bool = False,
+                         delta_bias: bool = False, delta_softplus: bool = False) -> int:
+    """Forward FLOPs of one selective scan call, a multiply, an add or an exp counting one FLOP.
+
+    Per (batch, channel, token, state), 7: exp(delta * A) 2, B * (delta * u) 1, the state update
+    x = exp(delta * A) * x + B * delta * u 2, the readout y += C * x 2. Per (batch, channel, token), up to 10:
+    delta * u 1, + delta_bias 1, softplus 2 (exp, log1p), + D * u 2, * silu(z) 4 (exp, add, divide, multiply).
+    """
+    per_token = 1 + int(bool(delta_bias)) + 2 * int(bool(delta_softplus)) + 2 * int(bool(D)) + 4 * int(bool(z))
+    return int(batch) * int(dim) * int(length) * (7 * int(d_state) + per_token)
+
+
+@contextlib.contextmanager
+def counting_scan_flops():
+    """Inside, scan calls that need no gradient go through the custom op `hymunet::selective_scan`, so that
+    torch.utils.flop_counter.FlopCounterMode counts them with `selective_scan_flops`. Not thread-safe: a profiler
+    switch, not a runtime mode."""
+    global _counting
+    _counted_scan_op()  # registered once, on first use
+    previous, _counting = _counting, True
+    try:
+        yield
+    finally:
+        _counting = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _counted_scan_op():
+    from torch.utils.flop_counter import register_flop_formula
+
+    @torch.library.custom_op("hymunet::selective_scan", mutates_args=())
+    def selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                          delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        out, last_state = _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+        return out, last_state
+
+    @selective_scan_op.register_fake
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+        return torch.empty_like(u), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=compute_dtype)
+
+    @register_flop_formula(torch.ops.hymunet.selective_scan)
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_shape=None, **kwargs):
+        # shapes, not tensors (flop_counter's shape_wrapper); None where an optional input is absent
+        return selective_scan_flops(u[0], u[1], u[2], A[1], D is not None, z is not None, delta_bias is not None,
+                                    delta_softplus)
+
+    return selective_scan_op

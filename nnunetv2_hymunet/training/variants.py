@@ -1,11 +1,9 @@
 """nnUNetTrainerHyMUNet variants, nnU-Net style: each one changes a knob, the schedule or the loss."""
 
-import os
-
 import numpy as np
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.nnunet_tools import read_schedule
 from nnunetv2_hymunet.training.boundary_loss import BoundaryLoss, WithBoundaryTerm
 from nnunetv2_hymunet.training.trainer import nnUNetTrainerHyMUNet
 
@@ -93,18 +91,7 @@ class nnUNetTrainerHyMUNet_demo(nnUNetTrainerHyMUNet):
     schedule = {"num_epochs": 10, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5, "save_every": 5}
 
     def training_schedule(self) -> dict:
-        values = dict(self.schedule)
-        for variable, attribute in DEMO_SCHEDULE_ENV.items():
-            raw = os.environ.get(variable)
-            if raw is None or raw.strip() == "":
-                continue
-            try:
-                value = int(raw)
-            except ValueError:
-                value = 0
-            if value < 1:
-                raise HyMUNetError(f"{variable}={raw!r}: expected a positive integer")
-            values[attribute] = value
+        values = {**self.schedule, **read_schedule(DEMO_SCHEDULE_ENV)}
         self.print_to_log_file(f"{type(self).__name__} schedule: " +
                                ", ".join(f"{k}={v}" for k, v in values.items()))
         return values
