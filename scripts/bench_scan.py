@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from nnunetv2_hymunet.fs_safety import atomic_write_text
+
 METHODS = ("reference", "native", "numba", "torch", "indexing_reference")
 # indexing_reference: (mode -> largest L it runs at); its fwd+bwd at d=256, L=1024 takes ~45 s
 INDEXING_LIMITS = {"fwd": 1024, "fwdbwd": 256}

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from nnunetv2_hymunet.fs_safety import atomic_write_text
+
 PLANS = ("isic-like-2d", "brats-like-3d")
 
 
@@ -276,8 +278,8 @@ def main(argv=None) -> int:
             print(line)
     print(f"\nload average at the end {os.getloadavg()}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"plan": args.plan, "patch": patch, "batch": batch, "results": report}, f, indent=1)
+        atomic_write_text(args.json, json.dumps({"plan": args.plan, "patch": patch, "batch": batch, "results": report},
+                                                indent=1))
     return 0
 
 

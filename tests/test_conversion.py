@@ -310,17 +310,17 @@ def test_brats_parallel_output_is_byte_identical(brats_release, tmp_path):
 
 
 def test_make_fake_cli_writes_each_layout(tmp_path):
-    assert main(["convert", "make-fake", "brats", str(tmp_path / "b"), "--release", "2023", "--num-cases", "1",
+    assert main(["convert", "make-fake", "brats", "-o", str(tmp_path / "b"), "--release", "2023", "--num-cases", "1",
                  "--shape", "8,9,10", "--num-unlabelled", "0"]) == 0
     case = tmp_path / "b" / "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData" / "BraTS-GLI-00000-000"
     assert sorted(os.listdir(case)) == [f"BraTS-GLI-00000-000-{s}.nii.gz" for s in ("seg", "t1c", "t1n", "t2f", "t2w")]
     assert nibabel.load(str(case / "BraTS-GLI-00000-000-seg.nii.gz")).shape == (8, 9, 10)
-    assert main(["convert", "make-fake", "isic2018", str(tmp_path / "i"), "--num-cases", "2", "--image-size",
+    assert main(["convert", "make-fake", "isic2018", "-o", str(tmp_path / "i"), "--num-cases", "2", "--image-size",
                  "24"]) == 0
     truth = tmp_path / "i" / "ISIC2018_Task1_Training_GroundTruth"
     assert {"ATTRIBUTION.txt", "LICENSE.txt"} <= set(os.listdir(truth))
-    assert main(["convert", "make-fake", "drive", str(tmp_path / "d"), "--num-cases", "1", "--scale", "0.06",
+    assert main(["convert", "make-fake", "drive", "-o", str(tmp_path / "d"), "--num-cases", "1", "--scale", "0.06",
                  "--with-test-manual"]) == 0
     assert os.listdir(tmp_path / "d" / "test" / "1st_manual") == ["01_manual1.gif"]
     # a non-empty folder is refused
-    assert main(["convert", "make-fake", "drive", str(tmp_path / "d")]) == 1
+    assert main(["convert", "make-fake", "drive", "-o", str(tmp_path / "d")]) == 1

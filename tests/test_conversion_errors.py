@@ -79,7 +79,7 @@ def test_console_script_reports_bad_input(bad_isic, tmp_path):
     release, bad = bad_isic
     raw = tmp_path / "raw"
     raw.mkdir()
-    result = subprocess.run([HYMUNET, "convert", "isic2018", "--input", release, "--dataset-id", "41",
+    result = subprocess.run([HYMUNET, "convert", "isic2018", "--input", release, "--dataset", "41",
                              "--output", str(raw)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert bad["truncated jpeg"] in result.stderr and "Traceback" not in result.stderr
@@ -92,7 +92,7 @@ def test_missing_output_and_bad_arguments_are_reported(isic_template, tmp_path, 
     code, err = run_cli(["convert", "isic2018", "-i", isic_template, "-d", "42"], capsys)
     assert code == 1 and "--output" in err and "nnUNet_raw" in err
     code, err = run_cli(["convert", "isic2018", "-i", isic_template, "-d", "1000", "-o", str(tmp_path)], capsys)
-    assert code == 1 and "--dataset-id" in err
+    assert code == 1 and "-d '1000'" in err
     code, err = run_cli(["convert", "isic2018", "-i", str(tmp_path / "nope"), "-d", "42", "-o", str(tmp_path)],
                         capsys)
     assert code == 1 and str(tmp_path / "nope") in err

@@ -61,7 +61,7 @@ def test_evaluate_png_end_to_end_matches_direct_metrics(tmp_path, capsys):
     ref_dir, pred_dir, arrays = make_png_run(tmp_path)
     (pred_dir / "plans.json").write_text("{}")  # nnU-Net writes such files into prediction folders
     out = tmp_path / "eval"
-    assert main(["evaluate", "--ref", str(ref_dir), "--pred", str(pred_dir), "-o", str(out), "-q"]) == 0
+    assert main(["evaluate", str(ref_dir), str(pred_dir), "-o", str(out), "-q"]) == 0
     assert "distances in px" in capsys.readouterr().out
     result = json.loads((out / "metrics.json").read_text())
     assert result["units"] == "px" and [lab["name"] for lab in result["labels"]] == ["1", "2"]
@@ -170,8 +170,8 @@ def test_compare_runs_tables_tests_plots_overlays(tmp_path, capsys):
     ref_dir, pred_dir, _ = make_png_run(tmp_path / "a", seed=0)
     _, pred_dir_b, _ = make_png_run(tmp_path / "b", seed=1)
     run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
-    assert main(["evaluate", "--ref", str(ref_dir), "--pred", str(pred_dir), "-o", str(run_a), "-q"]) == 0
-    assert main(["evaluate", "--ref", str(ref_dir), "--pred", str(pred_dir_b), "-o", str(run_b), "-q"]) == 0
+    assert main(["evaluate", str(ref_dir), str(pred_dir), "-o", str(run_a), "-q"]) == 0
+    assert main(["evaluate", str(ref_dir), str(pred_dir_b), "-o", str(run_b), "-q"]) == 0
     out = tmp_path / "cmp"
     assert main(["compare", str(run_a), str(run_b), "-o", str(out), "--overlays", "1"]) == 0
     result = json.loads((out / "comparison.json").read_text())
@@ -195,7 +195,7 @@ def _run_expecting_error(argv, capsys, must_mention, out):
 def test_bad_inputs_fail_cleanly_naming_the_case(tmp_path, capsys):
     ref_dir, pred_dir, _ = make_png_run(tmp_path)
     out = tmp_path / "out"
-    args = ["evaluate", "--ref", str(ref_dir), "--pred", str(pred_dir), "-o", str(out), "-q"]
+    args = ["evaluate", str(ref_dir), str(pred_dir), "-o", str(out), "-q"]
 
     (pred_dir / "case_003.png").rename(tmp_path / "moved.png")
     _run_expecting_error(args, capsys, "case_003", out)
@@ -207,7 +207,7 @@ def test_bad_inputs_fail_cleanly_naming_the_case(tmp_path, capsys):
 
     write_png(pred_dir / "case_002.png", np.zeros((40, 40)))
     _run_expecting_error(args, capsys, "case_002", out)
-    _run_expecting_error(args + ["--num-workers", "2"], capsys, "case_002", out)  # raised inside a worker
+    _run_expecting_error(args + ["--num-processes", "2"], capsys, "case_002", out)  # raised inside a worker
 
     (pred_dir / "case_001.png").write_bytes(b"this is not a png")
     _run_expecting_error(args, capsys, "case_001", out)

@@ -150,7 +150,7 @@ def png_run(root, n_cases=3, seed=0, ref_scale=1):
 
 
 def evaluate_args(ref, pred, out, *extra):
-    return [str(a) for a in ("evaluate", "--ref", ref, "--pred", pred, "-o", out, "-q", *extra)]
+    return [str(a) for a in ("evaluate", ref, pred, "-o", out, "-q", *extra)]
 
 
 def succeeds(argv) -> bool:
@@ -204,10 +204,12 @@ def test_convert_overwrite_never_replaces_a_foreign_dataset(drive_release, tmp_p
 
 
 @pytest.mark.parametrize("argv, culprit, code", [
-    (["-d", "0"], "--dataset-id", 1),
-    (["-d", "abc"], "--dataset-id", 2),
+    (["-d", "0"], "-d '0'", 1),
+    (["-d", "abc"], "-d 'abc'", 1),
+    (["-d", "Dataset71_X"], "-d 'Dataset71_X'", 1),
+    (["-d", "Dataset071_X", "--name", "Y"], "--name", 1),
     (["-d", "71", "--name", "../evil"], "--name", 1),
-    (["-d", "71", "-np", "0"], "--num-workers", 1),
+    (["-d", "71", "-np", "0"], "--num-processes", 1),
 ])
 def test_convert_bad_arguments(isic_release, tmp_path, capsys, argv, culprit, code):
     refused(["convert", "isic2018", "-i", isic_release, "-o", tmp_path / "raw", *argv], capsys, culprit, code=code)
@@ -457,14 +459,14 @@ def test_brats_back_bad_output(brats_predictions, tmp_path, capsys, kind):
     (["brats", "--shape", "8,9"], "--shape", 2),
 ])
 def test_make_fake_bad_arguments(tmp_path, capsys, argv, culprit, code):
-    refused(["convert", "make-fake", argv[0], tmp_path / "fake", *argv[1:]], capsys, culprit, code=code)
+    refused(["convert", "make-fake", argv[0], "-o", tmp_path / "fake", *argv[1:]], capsys, culprit, code=code)
     assert os.listdir(tmp_path) == []
 
 
 def test_make_fake_into_a_file(tmp_path, capsys):
     target = tmp_path / "fake"
     target.write_text("mine")
-    refused(["convert", "make-fake", "isic2018", target], capsys, "DIR", target)
+    refused(["convert", "make-fake", "isic2018", "-o", target], capsys, "-o", target)
     assert target.read_text() == "mine"
 
 
@@ -580,7 +582,7 @@ def test_evaluate_all_ignore_reference(tmp_path, capsys):
 def test_evaluate_output_is_the_prediction_folder(tmp_path, capsys):
     ref_dir, pred_dir = png_run(tmp_path)
     before = state(pred_dir)
-    refused(evaluate_args(ref_dir, pred_dir, pred_dir), capsys, "-o", "--pred")
+    refused(evaluate_args(ref_dir, pred_dir, pred_dir), capsys, "-o", "PRED_FOLDER")
     refused(evaluate_args(ref_dir, pred_dir, tmp_path), capsys, "-o", "contains the input")
     assert state(pred_dir) == before
 
@@ -610,7 +612,7 @@ def test_evaluate_keeps_files_it_did_not_write(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, culprit", [
-    (["--num-workers", "0"], "--num-workers"),
+    (["-np", "0"], "--num-processes"),
     (["--one-empty-distance", "-1"], "--one-empty-distance"),
     (["--one-empty-distance", "far"], "--one-empty-distance"),
     (["--percentile", "0"], "--percentile"),
@@ -627,7 +629,7 @@ def test_evaluate_bad_arguments(tmp_path, capsys, extra, culprit):
 
 def test_evaluate_reference_folder_as_prediction(tmp_path, capsys):
     ref_dir, _ = png_run(tmp_path)
-    refused(evaluate_args(ref_dir, ref_dir, tmp_path / "out"), capsys, "--ref", "--pred", "same folder")
+    refused(evaluate_args(ref_dir, ref_dir, tmp_path / "out"), capsys, "REF_FOLDER", "PRED_FOLDER", "same folder")
 
 
 def test_evaluate_rgb_reference_is_refused(tmp_path, capsys):
@@ -773,7 +775,7 @@ def preprocessed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "sub/dir", "x.json", ""])
 def test_plan_name_cannot_leave_the_preprocessed_folder(preprocessed, tmp_path, capsys, name):
     before = state(tmp_path)
-    refused(["plan", "-d", "Dataset900_Unit", "--plans-name", name], capsys, "--plans-name")
+    refused(["plan", "-d", "Dataset900_Unit", "-p", name], capsys, "--plans")
     assert state(tmp_path) == before
 
 
@@ -788,7 +790,7 @@ def test_plan_never_replaces_plans_it_did_not_write(preprocessed, capsys):
     foreign = preprocessed / "nnUNetResEncUNetMPlans.json"
     foreign.write_text(json.dumps(tiny_plans(plans_name="nnUNetResEncUNetMPlans")))
     before = foreign.read_text()
-    refused(["plan", "-d", "Dataset900_Unit", "--plans-name", "nnUNetResEncUNetMPlans"], capsys, foreign)
+    refused(["plan", "-d", "Dataset900_Unit", "-p", "nnUNetResEncUNetMPlans"], capsys, foreign)
     assert foreign.read_text() == before
 
 

@@ -35,7 +35,7 @@ def map_cases(case_function: Callable, cases: Sequence, num_workers: int, descri
     `num_workers`.
     """
     if num_workers < 1:
-        raise HyMUNetError(f"--num-workers must be at least 1, got {num_workers}")
+        raise HyMUNetError(f"-np/--num-processes must be at least 1, got {num_workers}")
     num_workers = min(num_workers, max(1, len(cases)))
     progress = dict(total=len(cases), desc=description, unit="case", leave=False)
     if num_workers == 1:

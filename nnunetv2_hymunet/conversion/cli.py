@@ -12,16 +12,28 @@ SHAPE_HELP = "volume shape as X,Y,Z voxels"
 
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
-    parser.add_argument("--input", "-i", required=True, help="the release folder (see the layout above)")
-    parser.add_argument("--dataset-id", "-d", type=int, required=True, help="nnU-Net dataset id NNN (1-999)")
-    parser.add_argument("--name", default=None, help=f"dataset name after DatasetNNN_ (default: {default_name})")
-    parser.add_argument("--output", "-o", default=None,
+    parser.add_argument("-i", "--input", required=True, help="the release folder (see the layout above)")
+    parser.add_argument("-d", "--dataset", required=True,
+                        help="the dataset to write: an id NNN (1-999) or a full name DatasetNNN_NAME")
+    parser.add_argument("--name", default=None, help=f"dataset name after DatasetNNN_ when -d is an id (default: "
+                        f"{default_name})")
+    parser.add_argument("-o", "--output", default=None,
                         help="nnU-Net raw folder to write DatasetNNN_NAME into (default: $nnUNet_raw)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset with the same id that hymunet converted (otherwise that is "
                              "an error; a dataset hymunet did not write is never replaced)")
-    parser.add_argument("--num-workers", "-np", type=int, default=1,
+    parser.add_argument("-np", "--num-processes", type=int, default=1,
                         help="worker processes (output is byte-identical to a serial run; default 1)")
+
+
+def _dataset(args, default_name):
+    """(id, name) from -d (an id or DatasetNNN_NAME) and --name."""
+    from nnunetv2_hymunet.nnunet_tools import parse_new_dataset
+
+    number, name = parse_new_dataset(args.dataset)
+    if name is not None and args.name is not None and args.name != name:
+        raise HyMUNetError(f"-d {args.dataset} names the dataset {name!r} but --name says {args.name!r}; give one")
+    return number, name or args.name or default_name
 
 
 def _output_root(args) -> str:
@@ -33,8 +45,8 @@ def _output_root(args) -> str:
 def _run_isic2018(args) -> int:
     from nnunetv2_hymunet.conversion.isic2018 import convert_isic2018
 
-    target = convert_isic2018(args.input, _output_root(args), args.dataset_id, args.name or "ISIC2018",
-                              args.overwrite, args.num_workers, args.split_file)
+    target = convert_isic2018(args.input, _output_root(args), *_dataset(args, "ISIC2018"), args.overwrite,
+                              args.num_processes, args.split_file)
     print(f"wrote {target}")
     return 0
 
@@ -42,8 +54,8 @@ def _run_isic2018(args) -> int:
 def _run_drive(args) -> int:
     from nnunetv2_hymunet.conversion.drive import convert_drive
 
-    target = convert_drive(args.input, _output_root(args), args.dataset_id, args.name or "DRIVE",
-                           args.overwrite, args.num_workers, args.fov_mode)
+    target = convert_drive(args.input, _output_root(args), *_dataset(args, "DRIVE"), args.overwrite,
+                           args.num_processes, args.fov_mode)
     print(f"wrote {target}")
     return 0
 
@@ -51,8 +63,8 @@ def _run_drive(args) -> int:
 def _run_brats(args) -> int:
     from nnunetv2_hymunet.conversion.brats import convert_brats
 
-    target = convert_brats(args.input, _output_root(args), args.dataset_id, args.name,
-                           args.overwrite, args.num_workers, args.release)
+    target = convert_brats(args.input, _output_root(args), *_dataset(args, None), args.overwrite,
+                           args.num_processes, args.release)
     print(f"wrote {target}")
     return 0
 
@@ -60,7 +72,7 @@ def _run_brats(args) -> int:
 def _run_brats_back(args) -> int:
     from nnunetv2_hymunet.conversion.brats import convert_brats_back
 
-    target = convert_brats_back(args.input, args.output, args.release, args.overwrite, args.num_workers)
+    target = convert_brats_back(args.input, args.output, args.release, args.overwrite, args.num_processes)
     print(f"wrote {target}")
     return 0
 
@@ -79,9 +91,9 @@ def _run_make_fake(args) -> int:
     from nnunetv2_hymunet.conversion import fake_releases
     from nnunetv2_hymunet.fs_safety import AtomicFolder, check_output_path
 
-    out = check_output_path(args.dir, "DIR")
+    out = check_output_path(args.output, "-o")
     if os.path.isdir(out) and os.listdir(out):
-        raise HyMUNetError(f"DIR {out} exists and is not empty; choose a new folder for the fake release")
+        raise HyMUNetError(f"-o {out} exists and is not empty; choose a new folder for the fake release")
     # written into a temporary folder and renamed at the end, like every other output
     with AtomicFolder(out, f"convert make-fake {args.release_name}") as temp:
         if args.release_name == "isic2018":
@@ -140,19 +152,19 @@ def add_subparsers(subparsers) -> None:
         "brats-back", help="map nnU-Net BraTS predictions back to the release's labels",
         description="Converts every *.nii.gz in --input (labels 1 NCR, 2 ED, 3 ET) to the release labels "
                     "(2021: ET = 4; 2023: unchanged), keeping file names and geometry.")
-    back.add_argument("--input", "-i", required=True, help="folder of nnU-Net predictions")
-    back.add_argument("--output", "-o", required=True,
+    back.add_argument("-i", "--input", required=True, help="folder of nnU-Net predictions")
+    back.add_argument("-o", "--output", required=True,
                       help="folder to write (new or empty; must not be or contain --input)")
     back.add_argument("--release", choices=("2021", "2023"), required=True, help="label convention to write")
     back.add_argument("--overwrite", action="store_true",
                       help="replace an --output folder that an earlier brats-back wrote (never any other folder)")
-    back.add_argument("--num-workers", "-np", type=int, default=1, help="worker processes (default 1)")
+    back.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default 1)")
     back.set_defaults(func=_run_brats_back)
 
     fake = kinds.add_parser("make-fake", help="write a small synthetic tree in a release's exact file naming",
                             description="Synthetic stand-ins for trying the converters without the real data.")
     fake.add_argument("release_name", choices=("isic2018", "drive", "brats"), help="which release layout")
-    fake.add_argument("dir", help="new (or empty) folder to write")
+    fake.add_argument("-o", "--output", required=True, help="new (or empty) folder to write")
     fake.add_argument("--num-cases", type=int, default=None,
                       help="training cases (default: isic2018 10, drive 20, brats 4); isic2018 adds N/5 validation "
                            "and N/5 test cases, drive writes N test cases too")

@@ -35,7 +35,7 @@ def resolve_output_root(output: str | None, inputs: dict | None = None) -> str:
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     if not 1 <= dataset_id <= 999:
-        raise HyMUNetError(f"--dataset-id must be between 1 and 999 (nnU-Net's DatasetNNN), got {dataset_id}")
+        raise HyMUNetError(f"-d {dataset_id}: the dataset id must be between 1 and 999 (nnU-Net's DatasetNNN)")
     if not _NAME_PATTERN.match(name):
         raise HyMUNetError(f"--name {name!r} must contain only letters, digits, '_' and '-' (and start with one)")
     return f"Dataset{dataset_id:03d}_{name}"

@@ -23,7 +23,7 @@ def run_evaluate(args) -> int:
         fov_dir=args.fov,
         spacing=args.spacing,
         units=args.units,
-        num_workers=args.num_workers,
+        num_workers=args.num_processes,
         policy=policy,
         hd95_method=args.hd95,
         percentile=args.percentile,
@@ -66,13 +66,17 @@ def add_subparsers(subparsers) -> None:
         "and pooled (dataset-level) scores side by side. Writes OUT/metrics.json, OUT/per_case.csv, OUT/summary.md. "
         "Distances use the spacing stored in the files (2D PNG/BMP/TIF: pixels, reported as 'px').",
     )
-    p.add_argument("--ref", required=True, help="folder of reference segmentations (e.g. nnUNet_raw/DatasetX/labelsTs)")
-    p.add_argument("--pred", required=True, help="folder of predictions with the same file names")
+    # positional REF_FOLDER PRED_FOLDER, -djfile, -o, -np: the order and spellings of nnUNetv2_evaluate_folder
+    p.add_argument("ref", metavar="REF_FOLDER",
+                   help="folder of reference segmentations (e.g. nnUNet_raw/DatasetX/labelsTs)")
+    p.add_argument("pred", metavar="PRED_FOLDER", help="folder of predictions with the same file names")
     p.add_argument("-o", "--output", required=True,
                    help="output folder (created; in an existing folder only files hymunet wrote are replaced; it must "
                    "not be or contain an input)")
     p.add_argument(
+        "-djfile",
         "--dataset-json",
+        dest="dataset_json",
         help="dataset.json: labels/regions, ignore label, file ending. Without it the "
         "labels are the nonzero values found in the references",
     )
@@ -122,7 +126,7 @@ def add_subparsers(subparsers) -> None:
         "(default: used when every case has one)",
     )
     npz.add_argument("--no-npz", dest="npz", action="store_false", help="ignore CASE.npz probabilities")
-    p.add_argument("--num-workers", type=int, default=1, help="parallel processes over cases (default 1)")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="parallel processes over cases (default 1)")
     p.add_argument("--ignore-geometry", action="store_true",
                    help="score predictions / FOV masks whose origin or direction differs from the reference's as if "
                    "aligned (a warning per case; default: an error). Shape and spacing must always match")

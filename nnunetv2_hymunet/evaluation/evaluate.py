@@ -112,7 +112,7 @@ def detect_file_ending(ref_dir: str) -> str:
     found = [e for e in found if e is not None]
     if not found:
         raise HyMUNetError(
-            f"--ref {ref_dir}: no segmentation files with an ending nnU-Net reads ({', '.join(endings)})"
+            f"REF_FOLDER {ref_dir}: no segmentation files with an ending nnU-Net reads ({', '.join(endings)})"
         )
     return max(set(found), key=found.count)
 
@@ -129,17 +129,17 @@ def match_cases(ref_dir: str, pred_dir: str, file_ending: str) -> list[tuple[str
     """[(case, ref_file, pred_file)]; every reference needs a prediction and every prediction a reference."""
     refs, preds = _segmentation_files(ref_dir, file_ending), _segmentation_files(pred_dir, file_ending)
     if not refs:
-        raise HyMUNetError(f"--ref {ref_dir}: no '*{file_ending}' files")
+        raise HyMUNetError(f"REF_FOLDER {ref_dir}: no '*{file_ending}' files")
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise HyMUNetError(
-            f"--pred {pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing[:10])}"
+            f"PRED_FOLDER {pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing[:10])}"
             f"{' ...' if len(missing) > 10 else ''} (expected e.g. {missing[0]}{file_ending})"
         )
     extra = sorted(set(preds) - set(refs))
     if extra:
         raise HyMUNetError(
-            f"--pred {pred_dir}: prediction(s) without a reference in {ref_dir}: {', '.join(extra[:10])}"
+            f"PRED_FOLDER {pred_dir}: prediction(s) without a reference in {ref_dir}: {', '.join(extra[:10])}"
             f"{' ...' if len(extra) > 10 else ''}"
         )
     return [(case, refs[case], preds[case]) for case in refs]
@@ -348,21 +348,21 @@ def evaluate_folders(
     if not 0 < percentile <= 100:
         raise HyMUNetError(f"--percentile must be in (0, 100], got {percentile}")
     if num_workers < 1:
-        raise HyMUNetError(f"--num-workers must be at least 1, got {num_workers}")
+        raise HyMUNetError(f"-np/--num-processes must be at least 1, got {num_workers}")
     if units is not None and not units.strip():
         raise HyMUNetError("--units: empty unit name")
     if spacing is not None:
         spacing = check_spacing(spacing, "--spacing")
-    for flag, folder in (("--ref", ref_dir), ("--pred", pred_dir), ("--fov", fov_dir)):
+    for flag, folder in (("REF_FOLDER", ref_dir), ("PRED_FOLDER", pred_dir), ("--fov", fov_dir)):
         if folder is not None and not os.path.isdir(folder):
             raise HyMUNetError(f"{flag} {folder}: not a folder")
     ref_dir, pred_dir = os.path.abspath(ref_dir), os.path.abspath(pred_dir)
     fov_dir = os.path.abspath(fov_dir) if fov_dir is not None else None
     if os.path.realpath(ref_dir) == os.path.realpath(pred_dir):
-        raise HyMUNetError(f"--ref and --pred are the same folder {ref_dir}; every score would be perfect")
+        raise HyMUNetError(f"REF_FOLDER and PRED_FOLDER are the same folder {ref_dir}; every score would be perfect")
     if dataset_json is not None and not os.path.isfile(dataset_json):
         raise HyMUNetError(f"--dataset-json {dataset_json}: not a file")
-    inputs = {"--ref": ref_dir, "--pred": pred_dir, "--fov": fov_dir, "--dataset-json": dataset_json}
+    inputs = {"REF_FOLDER": ref_dir, "PRED_FOLDER": pred_dir, "--fov": fov_dir, "--dataset-json": dataset_json}
     check_files_target(out_dir, OUTPUT_FILES, "-o", inputs)  # before the work, not after it
 
     targets, ignore_label, dataset = None, None, None
@@ -451,7 +451,7 @@ def evaluate_folders(
             }
     target_names = [t.name for t in targets]
     if not target_names:
-        raise HyMUNetError(f"--ref {ref_dir}: every reference is empty; pass --dataset-json to name the labels")
+        raise HyMUNetError(f"REF_FOLDER {ref_dir}: every reference is empty; pass --dataset-json to name the labels")
 
     if units is None:
         units = "px" if issubclass(reader_class, NaturalImage2DIO) and spacing is None else "mm"

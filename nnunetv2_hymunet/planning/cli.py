@@ -10,7 +10,7 @@ def plan(args: argparse.Namespace) -> int:
 
     try:
         target, summaries = write_hymunet_plans(args.dataset, args.configurations, args.preset, args.gpu_memory_gb,
-                                                args.plans_name, args.source_plans)
+                                                args.plans, args.source_plans)
     except (KeyError, TypeError, IndexError, AttributeError) as e:
         # the JSON files parsed but lack what nnU-Net's plans / dataset.json always hold
         raise HyMUNetError(f"-d {args.dataset}: the source plans ({args.source_plans or 'nnUNetPlans'}) or "
@@ -37,7 +37,7 @@ def add_subparsers(subparsers) -> None:
         "first). The result names nnunetv2_hymunet.network.HyMUNet as the network, keeps nnU-Net's topology and data "
         "identifiers, and fits batch (then patch) size to a GPU memory target counting the Mamba stages.")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 501 or Dataset501_ISIC2018")
-    p.add_argument("-c", "--configurations", nargs="+", default=None,
+    p.add_argument("-c", "--configuration", dest="configurations", nargs="+", default=None,
                    help="configurations to convert (default: every configuration of the source plans; "
                    "3d_cascade_fullres follows 3d_fullres)")
     p.add_argument("--preset", default=None,
@@ -45,7 +45,8 @@ def add_subparsers(subparsers) -> None:
                    "isic2018_2d): hybrid knobs, batch and patch size")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory target for batch/patch sizing (default: the preset's, else 8 like nnUNetPlans)")
-    p.add_argument("--plans-name", default=None, help="plans identifier to write (default nnUNetHyMUNetPlans)")
+    p.add_argument("-p", "--plans", default=None,
+                   help="plans identifier to write, then given to nnUNetv2_train -p (default nnUNetHyMUNetPlans)")
     p.add_argument("--source-plans", default=None,
                    help="nnU-Net plans to derive from (default nnUNetPlans; e.g. nnUNetResEncUNetMPlans)")
     p.set_defaults(func=plan)
