@@ -163,5 +163,6 @@ def test_mgf_under_autocast_matches_previous_implementation():
     new = run(mgf)
     old = run(lambda s, u: previous_mgf_forward(mgf, s, u))
     assert new[0].dtype == old[0].dtype
-    for a, b in zip(new, old):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(new[0], old[0], rtol=0, atol=0)
+    for a, b in zip(new[1:], old[1:]):  # bf16 sums: the gate's weight gradient is summed per sample here
+        assert a.dtype == b.dtype and float((a - b).norm() / b.norm()) < 1e-2

@@ -53,25 +53,57 @@ class MambaGuidedFusion(nn.Module):
         self.gate_conv = conv_op(channels, channels, 1, 1, 0, bias=conv_bias)
         self.gate_norm = build_gate_norm(gate_norm, channels, norm_op, norm_op_kwargs)
 
-    def gate(self, upsampled: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.gate_norm(self.gate_conv(upsampled)))
+    def gate(self, upsampled: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """G; inplace (outside autograd only): the sigmoid overwrites the norm's output."""
+        normed = self.gate_norm(self.gate_conv(upsampled))
+        return normed.sigmoid_() if inplace else torch.sigmoid(normed)
 
     def forward(self, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
         params = tuple(self.parameters())
         if torch.is_grad_enabled() and any(t.requires_grad for t in (skip, upsampled, *params)):
+            if any(getattr(m, "track_running_stats", False) for m in self.modules()):
+                # recomputing would update the running statistics twice: plain autograd
+                return torch.cat((upsampled, skip * (self.gate(upsampled) + 1)), 1)
             return _GatedSkip.apply(self, skip, upsampled, *params)
-        # E * G + E written as E * (G + 1): one elementwise pass less in backward than addcmul on CPU
-        return torch.cat((upsampled, skip * (self.gate(upsampled) + 1)), 1)
+        with torch.no_grad():
+            return _fused_forward(self, skip, upsampled)
 
     def feature_map_size(self, channels: int, n_voxels: int) -> int:
         return 0  # _GatedSkip keeps nothing beyond what the encoder and the decoder conv keep anyway
 
 
+def _sample_slices(module: "MambaGuidedFusion", batch: int):
+    """One sample at a time when the gate of a sample depends on that sample only (instance, channel or no norm):
+    the gate's temporaries then take 1/batch of the memory. A norm over the batch gets the whole batch at once."""
+    if isinstance(module.gate_norm, (nn.modules.instancenorm._InstanceNorm, ChannelLayerNorm, nn.Identity)):
+        return [slice(i, i + 1) for i in range(batch)]
+    return [slice(None)]
+
+
+def _fused_forward(module: "MambaGuidedFusion", skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+    """concat(D_up, E * (G + 1)) without autograd, the gate computed sample by sample (see _sample_slices) and the
+    product written into the output's second half: at the full-resolution level, where the forward pass peaks, it
+    holds 1/batch of one gate's temporaries instead of Conv1x1(D_up), Norm(.), G and E * (G + 1) for the batch.
+    E * G + E is written as E * (G + 1): one elementwise pass less in backward than addcmul on CPU."""
+    channels = upsampled.shape[1]
+    out = None
+    for sample in _sample_slices(module, upsampled.shape[0]):
+        gate = module.gate(upsampled[sample], inplace=True)
+        if out is None:
+            dtype = torch.promote_types(upsampled.dtype, torch.promote_types(skip.dtype, gate.dtype))
+            out = upsampled.new_empty((upsampled.shape[0], 2 * channels, *upsampled.shape[2:]), dtype=dtype)
+            out[:, :channels].copy_(upsampled)
+        out[sample, channels:].copy_(skip[sample] * gate.add_(1))
+        del gate
+    return out
+
+
 class _GatedSkip(torch.autograd.Function):
     """MGF's forward keeping nothing of its own for backward: it saves the skip E (kept anyway by the encoder's next
     conv) and its output concat(D_up, E') (kept anyway by the decoder conv that reads it), takes D_up back from the
-    output and recomputes the gate G in backward. The plain autograd graph would keep D_up, Conv1x1(D_up), G and G+1:
-    four full-resolution maps per decoder level. Same values and gradients as that graph."""
+    output and recomputes the gate G in backward, sample by sample. The plain autograd graph would keep D_up,
+    Conv1x1(D_up), G and G+1: four full-resolution maps per decoder level. Same values and gradients as that graph
+    (tests/test_network_equivalence.py)."""
 
     @staticmethod
     def forward(ctx, module: "MambaGuidedFusion", skip, upsampled, *params):
@@ -79,7 +111,7 @@ class _GatedSkip(torch.autograd.Function):
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.module = module
         ctx.upsampled_dtype = upsampled.dtype
-        out = torch.cat((upsampled, skip * (module.gate(upsampled) + 1)), 1)
+        out = _fused_forward(module, skip, upsampled)
         ctx.save_for_backward(skip, out)
         return out
 
@@ -90,14 +122,22 @@ class _GatedSkip(torch.autograd.Function):
         module, channels = ctx.module, skip.shape[1]
         params = tuple(module.parameters())
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
-        upsampled = out[:, :channels].to(ctx.upsampled_dtype).detach().requires_grad_(True)  # exact: cat upcasts
-        with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast_enabled):
-            gate = module.gate(upsampled)
-        grad_gated = grad_out[:, channels:]
-        grad_skip = grad_gated * (gate.detach() + 1)
-        grads = torch.autograd.grad(gate, (upsampled, *params), grad_gated * skip, allow_unused=True)
-        grad_up = grads[0] + grad_out[:, :channels].to(grads[0].dtype)
-        return (None, grad_skip, grad_up, *grads[1:])
+        grad_skip = torch.empty_like(skip)
+        grad_up = out.new_empty((out.shape[0], channels, *out.shape[2:]), dtype=ctx.upsampled_dtype)
+        grad_params = [None] * len(params)
+        for sample in _sample_slices(module, skip.shape[0]):
+            # D_up back from the output: exact, the concatenation only ever upcasts it
+            upsampled = out[sample, :channels].to(ctx.upsampled_dtype).detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast_enabled):
+                gate = module.gate(upsampled)
+            grad_gated = grad_out[sample, channels:]
+            grad_skip[sample] = grad_gated * (gate.detach() + 1)
+            grads = torch.autograd.grad(gate, (upsampled, *params), grad_gated * skip[sample], allow_unused=True)
+            grad_up[sample] = grads[0] + grad_out[sample, :channels].to(grads[0].dtype)
+            grad_params = [g if acc is None else acc if g is None else acc + g
+                           for acc, g in zip(grad_params, grads[1:])]
+            del gate, grads
+        return (None, grad_skip, grad_up, *grad_params)
 
 
 class ConcatFusion(nn.Module):
