@@ -8,27 +8,29 @@ Times are medians over --repeats rounds; in each round every model runs once (in
 machine hit all models alike. Forward = inference (no grad, deep supervision off); train step = forward with deep
 supervision on, a loss over all outputs, backward. FLOPs come from torch.utils.flop_counter.FlopCounterMode, which does
 not see the selective scan (a custom autograd function); its cost is added analytically and printed separately.
-Peak memory is the peak RSS during the first training step minus the RSS before it, measured in a fresh
-subprocess per model (Linux: the peak is reset through /proc/self/clear_refs).
-Usage: python scripts/bench_network.py [--patch 768 1024] [--batch 1] [--repeats 3] [--json out.json]
+Peak memory is the peak RSS during a training step (forward pass with --forward-only) minus the RSS before it,
+measured in a fresh subprocess per model after one warm-up step at a small patch (Linux: the peak is reset through
+/proc/self/clear_refs; glibc returns blocks >= 128 KiB to the system at once, so the RSS follows the live tensors).
+--plan brats-like-3d: the plan nnU-Net writes for BraTS (3d_fullres, 6 stages, 32..320 features, patch 128^3, batch 2).
+Usage: python scripts/bench_network.py [--plan isic-like-2d] [--patch 768 1024] [--batch 2] [--repeats 3]
+           [--forward-only] [--json out.json]
+       python scripts/bench_network.py --side-by-side   (issue 13's numbers: the 2D plan's training step and the 3D
+           plan's forward pass, PlainConvUNet vs HyMUNet, two rounds each; prints the markdown tables)
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-ISIC_LIKE_PLAN = {
-    "n_stages": 8, "features_per_stage": [32, 64, 128, 256, 512, 512, 512, 512], "kernel_sizes": [[3, 3]] * 8,
-    "strides": [[1, 1]] + [[2, 2]] * 7, "n_conv_per_stage": [2] * 8, "n_conv_per_stage_decoder": [2] * 7,
-    "conv_bias": True, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-    "dropout_op_kwargs": None, "nonlin_kwargs": {"inplace": True},
-}
-ISIC_LIKE_PATCH = (768, 1024)
+import torch
+
 RESENC_M_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)  # nnUNetPlannerResEncM's n_blocks_per_stage, decoder 1 conv
+PLANS = ("isic-like-2d", "brats-like-3d")
 
 MODELS = {
     "PlainConvUNet": {},
@@ -37,18 +39,43 @@ MODELS = {
     "HyMUNet flat+mgf": {"scan": "flat", "fusion": "mgf"},
     "HyMUNet bidir+mgf": {"scan": "bidir", "fusion": "mgf"},
     "HyMUNet cross+concat": {"scan": "cross", "fusion": "concat"},
+    "HyMUNet Mamba on the deepest 3 stages": {"n_mamba_stages": 3},
     "HyMUNet no-Mamba (n_mamba_stages=0)": {"n_mamba_stages": 0},
+}
+SIDE_BY_SIDE = {  # plan -> (models, forward only)
+    "isic-like-2d": (["PlainConvUNet", "HyMUNet cross+mgf (default)", "HyMUNet Mamba on the deepest 3 stages",
+                      "HyMUNet no-Mamba (n_mamba_stages=0)"], False),
+    "brats-like-3d": (["PlainConvUNet", "HyMUNet cross+mgf (default)", "HyMUNet Mamba on the deepest 3 stages"], True),
 }
 
 
-def build(name: str, input_channels: int = 3, num_classes: int = 2, deep_supervision: bool = True):
-    import torch
+def plan_arch(plan: str):
+    """(arch_kwargs with classes imported, input channels, output channels, patch, batch) of a built-in plan
+    (nnunetv2_hymunet.benchmark.presets: what nnU-Net 2.8.1 writes for an ISIC-like and a BraTS-like dataset)."""
+    from pydoc import locate
+
+    from nnunetv2_hymunet.benchmark.presets import preset_plan
+
+    profile_plan = preset_plan(plan)
+    configuration = profile_plan.configuration_dict
+    architecture = configuration["architecture"]
+    kwargs = dict(architecture["arch_kwargs"])
+    for key in architecture["_kw_requires_import"]:
+        if kwargs[key] is not None:
+            kwargs[key] = locate(kwargs[key])
+    dataset_json = profile_plan.dataset_json
+    labels = dataset_json["labels"]
+    classes = len(labels) - 1 if "regions_class_order" in dataset_json else len(labels)
+    return (kwargs, len(dataset_json["channel_names"]), classes, tuple(configuration["patch_size"]),
+            configuration["batch_size"])
+
+
+def build(name: str, plan: str = "isic-like-2d", deep_supervision: bool = True):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
     from nnunetv2_hymunet.network import HyMUNet
 
-    kwargs = dict(ISIC_LIKE_PLAN, conv_op=torch.nn.Conv2d, norm_op=torch.nn.InstanceNorm2d,
-                  nonlin=torch.nn.LeakyReLU)
+    kwargs, input_channels, num_classes, _, _ = plan_arch(plan)
     common = dict(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision)
     if name == "PlainConvUNet":
         net = PlainConvUNet(**common, **kwargs)
@@ -65,8 +92,8 @@ def build(name: str, input_channels: int = 3, num_classes: int = 2, deep_supervi
 
 def scan_flops(net, spatial, batch: int) -> int:
     """Analytic forward FLOPs of the selective scans: per direction, token, inner channel and state: exp(delta*A),
-    two multiply-adds for the state update, one for the readout (~7 FLOPs); per token and inner channel: softplus,
-    delta*u, D*u and the SiLU(z) gate (~10 FLOPs)."""
+    two multiply-adds for the state update, one for the readout (~7 FLOPs); per direction, token and inner channel:
+    softplus, delta*u, D*u and the merge, plus the SiLU(z) gate once (~10 FLOPs)."""
     from nnunetv2_hymunet.network.mamba_layer import MambaLayer
 
     total, size = 0, list(spatial)
@@ -83,7 +110,6 @@ def scan_flops(net, spatial, batch: int) -> int:
 
 
 def count_flops(net, x) -> int:
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -106,117 +132,175 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_probe(name: str, patch, batch: int) -> None:
-    """Run in a fresh process: peak RSS during the first training step minus the RSS before it (MiB), as JSON.
+def forward_pass(net, x) -> None:
+    net.eval()
+    set_deep_supervision(net, False)
+    with torch.no_grad():
+        net(x)
+
+
+def set_deep_supervision(net, on: bool) -> None:
+    net.decoder.deep_supervision = on
+
+
+def memory_probe(name: str, plan: str, patch, batch: int, forward_only: bool) -> None:
+    """Run in a fresh process: peak RSS during the first training step (or forward pass) minus the RSS before it
+    (MiB), as JSON.
 
     The peak (VmHWM) is reset first by writing 5 to /proc/self/clear_refs (Linux), so building the model does not
-    hide the step's peak. Only the first step is measured: later steps reuse memory the allocator kept.
+    hide the step's peak. Before it, one warm-up step at a small patch.
     """
-    import torch
+    import ctypes
 
-    net = build(name)
-    x = torch.randn(batch, 3, *patch)
+    # large blocks straight from and back to the system (M_MMAP_THRESHOLD = 128 KiB, fixed), so that the RSS follows
+    # the live tensors instead of what glibc's heap kept, as nnunetv2_hymunet.benchmark.profiling measures it
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+    net = build(name, plan)
+    kwargs, channels = plan_arch(plan)[:2]
+    x = torch.randn(batch, channels, *patch)
+    # warm-up at the smallest patch with more than one bottleneck voxel: what the first call loads once (the scan
+    # kernel's library, thread pools) is not activation memory
+    small = [2 * math.prod(s[d] for s in kwargs["strides"]) for d in range(len(patch))]
+    (forward_pass if forward_only else train_step)(net, torch.randn(1, channels, *small))
+    net.zero_grad(set_to_none=True)
+    if not forward_only:
+        net.train()
+        set_deep_supervision(net, True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
-    train_step(net, x)  # the first step: activations plus the gradient buffers a training step needs
+    (forward_pass if forward_only else train_step)(net, x)
     peak = _status_kib("VmHWM")
     print(json.dumps({"peak_rss_increase_mib": (peak - before) / 1024}))
 
 
-def run(patch, batch: int, repeats: int, threads: int, json_path: str = None, models=None) -> dict:
-    import torch
-
+def run(plan: str, patch, batch: int, repeats: int, threads: int, json_path: str = None, models=None,
+        forward_only: bool = False, flops: bool = True) -> dict:
     from nnunetv2_hymunet.ssm import resolve_backend
 
     torch.set_num_threads(threads)
     backend = resolve_backend(torch.device("cpu"))
-    print(f"patch {patch}, batch {batch}, repeats {repeats}, threads {threads}, scan backend {backend}, "
+    print(f"plan {plan}, patch {patch}, batch {batch}, repeats {repeats}, threads {threads}, scan backend {backend}, "
           f"load average {os.getloadavg()}", flush=True)
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, *patch)
+    x = torch.randn(batch, plan_arch(plan)[1], *patch)
     names = list(models or MODELS)
     unknown = [n for n in names if n not in MODELS]
     if unknown or "PlainConvUNet" not in names:
         raise SystemExit(f"--models must name PlainConvUNet and others from {list(MODELS)}; unknown: {unknown}")
-    nets = {name: build(name) for name in names}
+    nets = {name: build(name, plan) for name in names}
     results = {name: {"params": sum(p.numel() for p in net.parameters())} for name, net in nets.items()}
     for name, net in nets.items():
-        net.decoder.deep_supervision = False
-        results[name]["flops_counted"] = count_flops(net, x)
-        results[name]["flops_scan"] = scan_flops(net, patch, batch) if name.startswith("HyMUNet") else 0
-        net.eval()
-        with torch.no_grad():  # warm-up (numba compilation, oneDNN primitives)
-            net(x)
-        net.train()
-        net.decoder.deep_supervision = True
-        train_step(net, x)
+        if flops:
+            set_deep_supervision(net, False)
+            results[name]["flops_counted"] = count_flops(net, x)
+            results[name]["flops_scan"] = scan_flops(net, patch, batch) if name.startswith("HyMUNet") else 0
+        forward_pass(net, x)  # warm-up (scan kernel build / compilation, oneDNN primitives)
+        if not forward_only:
+            net.train()
+            set_deep_supervision(net, True)
+            train_step(net, x)
     fwd = {name: [] for name in names}
     step = {name: [] for name in names}
     for r in range(repeats):
         for name, net in nets.items():
-            net.eval()
-            net.decoder.deep_supervision = False
             t = time.perf_counter()
-            with torch.no_grad():
-                net(x)
+            forward_pass(net, x)
             fwd[name].append(time.perf_counter() - t)
-            net.train()
-            net.decoder.deep_supervision = True
-            t = time.perf_counter()
-            train_step(net, x)
-            step[name].append(time.perf_counter() - t)
+            if not forward_only:
+                net.train()
+                set_deep_supervision(net, True)
+                t = time.perf_counter()
+                train_step(net, x)
+                step[name].append(time.perf_counter() - t)
         print(f"round {r + 1}/{repeats} done, load average {os.getloadavg()}", flush=True)
     for name in names:
         results[name]["forward_s"] = statistics.median(fwd[name])
-        results[name]["train_step_s"] = statistics.median(step[name])
+        if not forward_only:
+            results[name]["train_step_s"] = statistics.median(step[name])
     del nets
     for name in names:
-        probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, "--patch", *map(str, patch),
-                                "--batch", str(batch), "--threads", str(threads)],
+        probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, "--plan", plan,
+                                "--patch", *map(str, patch), "--batch", str(batch), "--threads", str(threads)]
+                               + (["--forward-only"] if forward_only else []),
                                capture_output=True, text=True, check=True)
         results[name].update(json.loads(probe.stdout.strip().splitlines()[-1]))
-
-    base = results["PlainConvUNet"]
-    print("\n| model | params (M) | ratio | GFLOPs fwd (counted + scan) | fwd (s) | ratio | train step (s) | ratio "
-          "| peak RSS +MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        gflops = (r["flops_counted"] + r["flops_scan"]) / 1e9
-        print(f"| {name} | {r['params'] / 1e6:.2f} | {r['params'] / base['params']:.2f} | {gflops:.1f} "
-              f"({r['flops_counted'] / 1e9:.1f} + {r['flops_scan'] / 1e9:.2f}) | {r['forward_s']:.2f} | "
-              f"{r['forward_s'] / base['forward_s']:.2f} | {r['train_step_s']:.2f} | "
-              f"{r['train_step_s'] / base['train_step_s']:.2f} | {r['peak_rss_increase_mib']:.0f} |")
+    print_table(results, forward_only, flops)
     print(f"\nload average at the end {os.getloadavg()}")
     if json_path:
         tmp = json_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"patch": list(patch), "batch": batch, "threads": threads, "backend": backend,
+            json.dump({"plan": plan, "patch": list(patch), "batch": batch, "threads": threads, "backend": backend,
                        "results": results}, f, indent=1)
         os.replace(tmp, json_path)
     return results
 
 
+def print_table(results: dict, forward_only: bool, flops: bool) -> None:
+    base = results["PlainConvUNet"]
+    memory = "forward" if forward_only else "step"
+    columns = ["model", "params (M)", "ratio"] + (["GFLOPs fwd (counted + scan)"] if flops else []) + \
+        ["fwd (s)", "ratio"] + ([] if forward_only else ["train step (s)", "ratio"]) + \
+        [f"peak {memory} RSS +MiB", "ratio"]
+    print("\n| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for name, r in results.items():
+        cells = [name, f"{r['params'] / 1e6:.2f}", f"{r['params'] / base['params']:.2f}"]
+        if flops:
+            cells.append(f"{(r['flops_counted'] + r['flops_scan']) / 1e9:.1f} ({r['flops_counted'] / 1e9:.1f} + "
+                         f"{r['flops_scan'] / 1e9:.2f})")
+        cells += [f"{r['forward_s']:.2f}", f"{r['forward_s'] / base['forward_s']:.2f}"]
+        if not forward_only:
+            cells += [f"{r['train_step_s']:.2f}", f"{r['train_step_s'] / base['train_step_s']:.2f}"]
+        cells += [f"{r['peak_rss_increase_mib']:.0f}",
+                  f"{r['peak_rss_increase_mib'] / base['peak_rss_increase_mib']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def side_by_side(repeats: int, threads: int, json_path: str = None) -> None:
+    """Issue 13's check: the ISIC-like 2D plan's training step and the BraTS-like 3D plan's forward pass at their
+    native patch and batch, PlainConvUNet vs HyMUNet."""
+    everything = {}
+    for plan, (models, forward_only) in SIDE_BY_SIDE.items():
+        _, _, _, patch, batch = plan_arch(plan)
+        print(f"\n## {plan}: patch {'x'.join(map(str, patch))}, batch {batch}, "
+              f"{'forward pass (inference)' if forward_only else 'training step'}\n", flush=True)
+        everything[plan] = run(plan, patch, batch, repeats, threads, models=models, forward_only=forward_only,
+                               flops=False)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(everything, f, indent=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--patch", type=int, nargs="+", default=list(ISIC_LIKE_PATCH),
-                        help="spatial size (default: the planned ISIC-like patch 768 1024; must be divisible by 128)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--plan", choices=PLANS, default="isic-like-2d")
+    parser.add_argument("--patch", type=int, nargs="+", default=None,
+                        help="spatial size (default: the plan's: 768 1024, or 128 128 128; divisible by the total "
+                             "stride)")
+    parser.add_argument("--batch", type=int, default=None, help="default: the plan's batch size (2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--models", nargs="+", default=None, help=f"a subset of: {', '.join(MODELS)}")
+    parser.add_argument("--forward-only", action="store_true", help="time and measure the forward pass only")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="issue 13's numbers for both plans at their native size (--repeats default 2 here)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    _, _, _, plan_patch, plan_batch = plan_arch(args.plan)
+    patch, batch = tuple(args.patch or plan_patch), args.batch or plan_batch
     if args.memory_probe:
-        import torch
-
         torch.set_num_threads(args.threads)
-        memory_probe(args.memory_probe, tuple(args.patch), args.batch)
+        memory_probe(args.memory_probe, args.plan, patch, batch, args.forward_only)
         return 0
-    if len(args.patch) != 2 or any(p % 128 for p in args.patch):
-        parser.error(f"--patch must be two sizes divisible by 128 (the plan's total stride), got {args.patch}")
-    run(tuple(args.patch), args.batch, args.repeats, args.threads, args.json, args.models)
+    if args.side_by_side:
+        repeats = args.repeats if "--repeats" in (argv or sys.argv) else 2
+        side_by_side(repeats, args.threads, args.json)
+        return 0
+    if len(patch) != len(plan_patch):
+        parser.error(f"--patch needs {len(plan_patch)} sizes for {args.plan}, got {list(patch)}")
+    run(args.plan, patch, batch, args.repeats, args.threads, args.json, args.models, args.forward_only)
     return 0
 
 

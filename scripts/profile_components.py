@@ -36,22 +36,11 @@ PLANS = ("isic-like-2d", "brats-like-3d")
 
 
 def plan_arch(plan: str):
-    """(arch_kwargs with classes imported, input channels, classes, patch, batch) of a built-in nnU-Net plan."""
-    from pydoc import locate
+    """The built-in plan's (arch_kwargs, input channels, output channels, patch, batch), as bench_network reads it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_network import plan_arch as read_plan
 
-    from nnunetv2_hymunet.benchmark.presets import preset_plan
-
-    profile_plan = preset_plan(plan)
-    configuration = profile_plan.configuration_dict
-    architecture = configuration["architecture"]
-    kwargs = dict(architecture["arch_kwargs"])
-    for key in architecture["_kw_requires_import"]:
-        if kwargs[key] is not None:
-            kwargs[key] = locate(kwargs[key])
-    channels = len(profile_plan.dataset_json["channel_names"])
-    labels = profile_plan.dataset_json["labels"]
-    classes = len(labels) - 1 if "regions_class_order" in profile_plan.dataset_json else len(labels)
-    return kwargs, channels, classes, tuple(configuration["patch_size"]), configuration["batch_size"]
+    return read_plan(plan)
 
 
 def build(name: str, knobs: dict, kwargs, channels, classes):

@@ -84,6 +84,10 @@ class HyMUNet(nn.Module):
         instance (default: the plan's norm_op) | none | channel (LayerNorm over the channels of each voxel, which keeps
         image-level signal).
     Input spatial sizes must be divisible by the product of the strides per axis (nnU-Net pads to the patch size).
+    Memory: what a training step keeps for backward is ~1.02x PlainConvUNet's at nnU-Net's ISIC-like 2D plan: the
+    MGF gates, the Mamba layers' per-direction scans and the residual blocks' projection skips recompute in backward
+    instead of keeping full-size intermediates; compute_conv_feature_map_size counts what is kept
+    (tests/test_network_memory.py, scripts/profile_components.py).
     """
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, Sequence[int]], conv_op,

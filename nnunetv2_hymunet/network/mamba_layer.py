@@ -98,12 +98,14 @@ class MambaLayer(nn.Module):
     """Residual Mamba token mixer on a (batch, C, *spatial) feature map; output has the input's shape and dtype.
 
     Tokens are the feature map's voxels; out = x + gamma * merge_d(Mamba_d(LayerNorm(x)) read along direction d).
-    direction_merge: "mean" / "sum": all directions share one Mamba and their outputs, mapped back to voxel order,
-    are averaged / summed; "separate": each direction has its own Mamba
-    (own A, delta, D and projections, as VM-UNet's SS2D), outputs averaged (same output scale at init as "mean").
-    dt_min / dt_max: the range of Mamba's initial step sizes (the scan's initial reach). layer_scale: None (gamma = 1,
-    no parameter) or the initial value of a learnable per-channel gamma. LayerNorm, Mamba and the residual sum run in
-    float32 with autocast off (the selective scan is unstable in half precision), then the result is cast back to the
+    direction_merge: "mean" / "sum": all directions share one Mamba and their outputs, mapped back to voxel order, are
+    averaged / summed; "separate": each direction has its own Mamba (own A, delta, D and projections, as VM-UNet's
+    SS2D), outputs averaged (same output scale at init as "mean"). dt_min / dt_max: the range of Mamba's initial step
+    sizes (the scan's initial reach). layer_scale: None (gamma = 1, no parameter) or the initial value of a learnable
+    per-channel gamma. With a shared Mamba, its token-wise parts (in_proj, the SiLU(z) gate, out_proj) run once in
+    voxel order and only the causal conv and the selective scan run per direction (`direction_scan`), recomputed in
+    backward while training. LayerNorm, Mamba and the residual sum run in float32 with autocast off (the selective
+    scan is unstable in half precision), then the result is cast back to the
     caller's dtype.
     """
 
