@@ -4,6 +4,7 @@ ablation verdicts on data with a known direction, and the argument checks (train
 import json
 import os
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,6 +75,8 @@ class _RecordingTrainer(benchmark_trainers.nnUNetTrainer):
 
     def __init__(self, plans, configuration, fold, dataset_json, device=None):
         self.num_epochs, self.save_every, self.was_initialized = 1000, 50, False
+        self.configuration_manager = SimpleNamespace(pool_op_kernel_sizes=plans.get("strides", [[1, 1], [2, 2]] * 2))
+        self.enable_deep_supervision = True
 
     def initialize(self):
         self.draws = (random.random(), float(np.random.rand()), torch.rand(3).tolist())
@@ -94,6 +97,12 @@ def test_seeded_copy_seeds_before_the_network_is_built(monkeypatch):
     monkeypatch.setenv("HYMUNET_BENCH_EPOCHS", "ten")
     with pytest.raises(HyMUNetError, match="HYMUNET_BENCH_EPOCHS='ten': expected a positive integer"):
         cls({}, "2d", 0, {})
+
+
+def test_two_stage_networks_train_without_deep_supervision():
+    cls = benchmark_trainers._bench_class(_RecordingTrainer, "_RecordingTrainer_bench", None)
+    assert not cls({"strides": [[1, 1], [2, 2]]}, "2d", 0, {}).enable_deep_supervision  # else 0/0: NaN loss
+    assert cls({"strides": [[1, 1], [2, 2], [2, 2]]}, "2d", 0, {}).enable_deep_supervision
 
 
 def test_read_schedule():
@@ -175,6 +184,12 @@ def test_corrupt_plans_are_named(nnunet_folders, capsys):
     plans.write_text(json.dumps({"configurations": {"2d": {"data_identifier": "x"}}}))  # no architecture
     assert main(["profile", "-d", "962", "-c", "2d", "--models", "nnUNetTrainer"]) == 1
     assert "lacks a patch_size" in capsys.readouterr().err
+
+
+def test_long_range_plans_always_train_benchmark_copies(nnunet_folders):
+    model = runner.Model("nnUNetTrainerHyMUNet", "nnUNetLongRangePlans")
+    runs = runner.plan_runs(["962"], ["2d"], [model, runner.Model("nnUNetTrainer")], [0], False)
+    assert [r.trained_trainer for r in runs] == ["nnUNetTrainerHyMUNet_bench", "nnUNetTrainer"]
 
 
 def test_long_range_plans_are_derived_after_planning(nnunet_folders):

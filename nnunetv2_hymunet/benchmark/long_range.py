@@ -7,6 +7,10 @@ nnUNetv2_plan_and_preprocess wrote, with the same preprocessing (data identifier
 whose conv-only receptive field is smaller than the dataset's minimum blob-marker distance (written into its
 dataset.json by `hymunet benchmark make-suite`).
 
+A two-stage network (what 64 px images get) has one deep-supervision output, which nnU-Net's loss weights would zero
+(a NaN loss); `hymunet benchmark run` therefore always trains nnUNetLongRangePlans with its benchmark trainer copies,
+which train such networks without deep supervision (the same loss on the one full-resolution output).
+
 Receptive field (RF): the side, in input pixels, of the square of inputs that can change one output pixel through the
 convolutions alone. Two ways, which agree on nnU-Net's PlainConvUNet (tested):
 - `conv_receptive_field`: an analytic walk over the plans' conv stack (PlainConvUNet: n_conv_per_stage convs per

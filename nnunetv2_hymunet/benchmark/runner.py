@@ -111,10 +111,14 @@ class Run:
         return f"{self.dataset} {self.configuration} fold {self.fold} {self.model.label}{seed}"
 
 
-def trained_trainer_name(trainer: str, short_schedule: bool, seed: int = None) -> str:
+def trained_trainer_name(trainer: str, short_schedule: bool, seed: int = None, plans: str = DEFAULT_PLANS) -> str:
+    """The class nnUNetv2_train gets: the trainer itself, or its benchmark copy for a short schedule, a seed, or
+    nnUNetLongRangePlans (two-stage networks need the copy's deep-supervision fix)."""
     if seed is not None:
         return bench_trainer_name(trainer, seed)
-    return trainer + BENCH_SUFFIX if short_schedule and not trainer.endswith(BENCH_SUFFIX) else trainer
+    if short_schedule or plans == LONG_RANGE_PLANS:
+        return trainer if trainer.endswith(BENCH_SUFFIX) else trainer + BENCH_SUFFIX
+    return trainer
 
 
 def available_folds(dataset: str) -> int:
@@ -186,7 +190,7 @@ def plan_runs(datasets, configurations, models, folds, short_schedule: bool, see
             for fold in folds:
                 for model in models:
                     runs.append(Run(name, configuration, model, fold,
-                                    trained_trainer_name(model.trainer, short_schedule, seed), seed))
+                                    trained_trainer_name(model.trainer, short_schedule, seed, model.plans), seed))
     return runs
 
 

@@ -63,7 +63,7 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
         raise HyMUNetError(f"--reference-trainer {reference!r} is not among the models {labels}")
     runs = runner.plan_runs(datasets, configurations, models, folds, bool(short_schedule), seeds)
     check_trainers(models)
-    bench_copies = bool(short_schedule) or seeds is not None
+    bench_copies = any(r.trained_trainer != r.model.trainer for r in runs)
     preprocess_env = runner.subprocess_environment(None, num_processes, None, training=False)
     train_env = runner.subprocess_environment(short_schedule, num_processes, n_proc_da, training=True,
                                               bench_copies=bench_copies)

@@ -10,6 +10,7 @@ subprocesses (to predict with such a model later, add it yourself: `export nnUNe
 - A seeded copy seeds python's `random`, numpy and torch with its seed right before the network is built (at the
   start of `initialize`), so two seeds of one model differ in initial weights and in the augmentation draws
   (with nnUNet_n_proc_DA=0 the augmentation runs in the main process and draws from the seeded generators).
+- A network of two stages trains without deep supervision (nnU-Net's weights would give it a NaN loss).
 - Everything else, network included, is the base trainer's.
 
 Copies are made on first access (a module `__getattr__`, which nnU-Net's class search reaches through `hasattr`), for
@@ -39,6 +40,11 @@ def _bench_class(base, name: str, seed):
         for attribute, value in read_schedule().items():
             setattr(self, attribute, value)
         self.save_every = max(1, min(self.save_every, self.num_epochs))
+        if len(self.configuration_manager.pool_op_kernel_sizes) < 3:
+            # two stages give one deep-supervision output, whose weight nnU-Net zeroes (it drops the lowest
+            # resolution) and then normalises: 0/0, a NaN loss. Without deep supervision the loss is the same DC+CE
+            # on that one full-resolution output. (nnUNetLongRangePlans of 64 px images have two stages.)
+            self.enable_deep_supervision = False
 
     def initialize(self):
         if seed is not None and not self.was_initialized:
