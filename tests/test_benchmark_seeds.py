@@ -156,7 +156,7 @@ def test_unknown_trainers_and_folds_are_refused_naming_the_flag(nnunet_folders, 
         run_benchmark(["962"], ["2d"], ["nnUNetTrainer"], [1, 1], None, dry_run=True, log=print)
     splits = nnunet_folders / "pre" / DATASET / "splits_final.json"
     splits.write_text(json.dumps([{"train": ["a"], "val": ["b"]}] * 3))
-    with pytest.raises(HyMUNetError, match="^-f 3: .* folds 0..2 .its splits_final.json"):
+    with pytest.raises(HyMUNetError, match=f"^-f 3: .* folds 0..2 .{splits}"):
         run_benchmark(["962"], ["2d"], ["nnUNetTrainer"], [3], None, dry_run=True, log=print)
     capsys.readouterr()
     # through the CLI: exit 1, one line naming the flag, nothing printed to stdout

@@ -121,13 +121,14 @@ def trained_trainer_name(trainer: str, short_schedule: bool, seed: int = None, p
     return trainer
 
 
-def available_folds(dataset: str) -> int:
-    """How many folds nnU-Net will train for the dataset: splits_final.json's, or its default 5-fold split."""
+def available_folds(dataset: str) -> tuple:
+    """(number of folds nnU-Net will train for the dataset, where that number comes from): splits_final.json's, or
+    nnU-Net's default 5-fold split when it has not written one yet."""
     from nnunetv2.paths import nnUNet_preprocessed
 
     splits_file = os.path.join(nnUNet_preprocessed or "", dataset, "splits_final.json")
     if not nnUNet_preprocessed or not os.path.isfile(splits_file):
-        return DEFAULT_FOLDS
+        return DEFAULT_FOLDS, "nnU-Net's default 5-fold split"
     try:
         with open(splits_file) as f:
             splits = json.load(f)
@@ -135,7 +136,7 @@ def available_folds(dataset: str) -> int:
         raise HyMUNetError(f"{splits_file}: cannot read the splits: {e}") from None
     if not isinstance(splits, list) or not splits:
         raise HyMUNetError(f"{splits_file}: expected a non-empty list of {{train, val}} splits")
-    return len(splits)
+    return len(splits), splits_file
 
 
 def check_folds(folds, datasets) -> list:
@@ -145,10 +146,9 @@ def check_folds(folds, datasets) -> list:
     if len(set(folds)) != len(folds):
         raise HyMUNetError(f"-f lists a fold twice: {folds}")
     for dataset in datasets:
-        n = available_folds(dataset)
+        n, source = available_folds(dataset)
         bad = [f for f in folds if not 0 <= f < n]
         if bad:
-            source = "its splits_final.json" if n != DEFAULT_FOLDS else "nnU-Net's 5-fold split"
             raise HyMUNetError(f"-f {' '.join(map(str, bad))}: {dataset} has folds 0..{n - 1} ({source})")
     return folds
 
