@@ -103,13 +103,16 @@ def test_mamba_layer_matches_previous_implementation(scan, n_dims, merge, layer_
 
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("gate_norm", ["instance", "none", "channel"])
-def test_mgf_matches_previous_implementation(dim, gate_norm):
+@pytest.mark.parametrize("channels", [6, 20])  # one chunk of gate channels, and 8 + 8 + 4
+def test_mgf_matches_previous_implementation(dim, gate_norm, channels):
     conv_op, norm_op = (nn.Conv2d, nn.InstanceNorm2d) if dim == 2 else (nn.Conv3d, nn.InstanceNorm3d)
-    mgf = MambaGuidedFusion(conv_op, 6, norm_op, {"eps": 1e-5, "affine": True}, True, gate_norm).double()
+    mgf = MambaGuidedFusion(conv_op, channels, norm_op, {"eps": 1e-5, "affine": True}, True, gate_norm).double()
     _randomise(mgf)
     spatial = (6, 7) if dim == 2 else (3, 4, 5)
-    skip, up = (torch.randn(2, 6, *spatial, dtype=torch.float64) for _ in range(2))
+    skip, up = (torch.randn(2, channels, *spatial, dtype=torch.float64) for _ in range(2))
     assert_same(mgf, mgf, lambda s, u: previous_mgf_forward(mgf, s, u), [skip, up])
+    with torch.no_grad():  # inference: the same fused path without autograd
+        torch.testing.assert_close(mgf(skip, up), previous_mgf_forward(mgf, skip, up), **TOL)
 
 
 def test_whole_network_matches_previous_implementation(monkeypatch):

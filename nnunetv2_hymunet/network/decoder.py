@@ -54,8 +54,8 @@ class FusionUNetDecoder(nn.Module):
         seg_outputs = []
         last = len(self.stages) - 1
         for s in range(len(self.stages)):
-            upsampled = self.transpconvs[s](x)
-            x = self.stages[s](self.fusions[s](skips[-(s + 2)], upsampled))
+            # D_up is not bound to a name: it is freed once fused, not kept through the conv blocks
+            x = self.stages[s](self.fusions[s](skips[-(s + 2)], self.transpconvs[s](x)))
             if self.deep_supervision or s == last:
                 seg_outputs.append(self.seg_layers[s](x))
         seg_outputs = seg_outputs[::-1]

@@ -80,21 +80,49 @@ def _sample_slices(module: "MambaGuidedFusion", batch: int):
     return [slice(None)]
 
 
+GATE_CHANNEL_CHUNK = 8  # output channels of the gate computed at a time where each channel's gate is separable
+
+
+def _channel_slices(module: "MambaGuidedFusion", channels: int):
+    """The gate's output channels in chunks when a channel's gate needs only that channel's conv output (instance
+    norm without running statistics, or none): the 1x1 conv and the norm then act on each chunk alone."""
+    norm = module.gate_norm
+    if isinstance(norm, nn.Identity) or (isinstance(norm, nn.modules.instancenorm._InstanceNorm)
+                                         and not norm.track_running_stats):
+        return [slice(c, min(c + GATE_CHANNEL_CHUNK, channels)) for c in range(0, channels, GATE_CHANNEL_CHUNK)]
+    return [slice(None)]
+
+
+def _gate_channels(module: "MambaGuidedFusion", upsampled: torch.Tensor, part: slice) -> torch.Tensor:
+    """G for the output channels `part` (see _channel_slices), computed in place, outside autograd."""
+    if part == slice(None):
+        return module.gate(upsampled, inplace=True)
+    conv, norm = module.gate_conv, module.gate_norm
+    h = conv._conv_forward(upsampled, conv.weight[part], None if conv.bias is None else conv.bias[part])
+    if not isinstance(norm, nn.Identity):
+        h = F.instance_norm(h, None, None, norm.weight[part] if norm.affine else None,
+                            norm.bias[part] if norm.affine else None, True, 0.0, norm.eps)
+    return h.sigmoid_()
+
+
 def _fused_forward(module: "MambaGuidedFusion", skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
-    """concat(D_up, E * (G + 1)) without autograd, the gate computed sample by sample (see _sample_slices) and the
-    product written into the output's second half: at the full-resolution level, where the forward pass peaks, it
-    holds 1/batch of one gate's temporaries instead of Conv1x1(D_up), Norm(.), G and E * (G + 1) for the batch.
-    E * G + E is written as E * (G + 1): one elementwise pass less in backward than addcmul on CPU."""
+    """concat(D_up, E * (G + 1)) without autograd, the gate computed sample by sample (see _sample_slices) and in
+    chunks of channels (see _channel_slices), the product written into the output's second half: at the
+    full-resolution level the temporaries are those of one chunk of one sample instead of Conv1x1(D_up), Norm(.), G
+    and E * (G + 1) for the batch. E * G + E is written as E * (G + 1): one elementwise pass less in backward than
+    addcmul on CPU."""
     channels = upsampled.shape[1]
     out = None
     for sample in _sample_slices(module, upsampled.shape[0]):
-        gate = module.gate(upsampled[sample], inplace=True)
-        if out is None:
-            dtype = torch.promote_types(upsampled.dtype, torch.promote_types(skip.dtype, gate.dtype))
-            out = upsampled.new_empty((upsampled.shape[0], 2 * channels, *upsampled.shape[2:]), dtype=dtype)
-            out[:, :channels].copy_(upsampled)
-        out[sample, channels:].copy_(skip[sample] * gate.add_(1))
-        del gate
+        for part in _channel_slices(module, channels):
+            gate = _gate_channels(module, upsampled[sample], part)
+            if out is None:
+                dtype = torch.promote_types(upsampled.dtype, torch.promote_types(skip.dtype, gate.dtype))
+                out = upsampled.new_empty((upsampled.shape[0], 2 * channels, *upsampled.shape[2:]), dtype=dtype)
+                out[:, :channels].copy_(upsampled)
+            gated = out[sample, channels:][:, part]
+            gated.copy_(skip[sample][:, part] * gate.add_(1))
+            del gate
     return out
 
 
