@@ -3,7 +3,7 @@
 Every arm is a trainer class (nnUNetTrainerHyMUNet with knob or recipe changes, or a stock variant) trained on the
 same stream of SynthOppositeKey2D batches (benchmark/suite.py: a blob whose class is given only by the marker
 diametrically opposite it, beyond the conv-only receptive field) from the same conv weights for a given seed
-(HyMUNet builds its Mamba layers on a private RNG state). The network is the one nnU-Net's 2d plans give a 128 x 128
+(HyMUNet builds its Mamba layers on a private RNG state). The network is the one nnU-Net's 2d plans give a --side
 image, cut to the depth whose conv-only receptive field is below the blob-marker distance (as nnUNetLongRangePlans).
 Augmentation: random flips and quarter turns (the rule survives both). Score on held-out cases: blob-class accuracy
 (the majority predicted foreground class inside the reference blob is the reference class) and blob Dice.
@@ -41,7 +41,7 @@ ARMS = {
     "mamba_lr_3e-3": ("nnUNetTrainerHyMUNet", {}, {"mamba_lr": 3e-3}),
     "no_warmup": ("nnUNetTrainerHyMUNet", {}, {"mamba_warmup_fraction": 0.0}),
 }
-SIDE = 128
+SIDE = 64  # what `hymunet benchmark make-suite` writes for SynthOppositeKey2D (size small)
 EVAL_SEED = 10_000
 
 
@@ -76,11 +76,14 @@ def make_trainer(arm: str, plans: dict, dataset_json: dict, workdir: str, num_ep
     open(os.path.join(folder, "case.b2nd"), "w").close()  # initialize() infers the dataset format from the files
     trainer = cls(dict(plans, continue_training=False), "2d", 0, dataset_json, torch.device("cpu"))
     trainer.num_epochs = num_epochs
+    if plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["n_stages"] < 3:
+        # one deep-supervision output, whose weight nnU-Net zeroes and normalises (0/0): train it without
+        trainer.enable_deep_supervision = False
     trainer.initialize()
     return trainer
 
 
-def cases(seed: int, n: int, side: int = SIDE):
+def cases(seed: int, n: int, side: int):
     """n (z-scored image, label, blob mask) cases of the long-range task."""
     from nnunetv2_hymunet.benchmark.suite import long_range_case
 
@@ -93,16 +96,16 @@ def cases(seed: int, n: int, side: int = SIDE):
     return out
 
 
-def batch_stream(trainer, seed: int, batch_size: int = 2):
+def batch_stream(trainer, seed: int, side: int, batch_size: int = 2):
     """Endless batches with random flips / quarter turns, targets at every deep-supervision scale."""
     from nnunetv2_hymunet.benchmark.suite import long_range_case
 
     rng = np.random.default_rng(seed)
-    scales = trainer._get_deep_supervision_scales()
+    scales = trainer._get_deep_supervision_scales() if trainer.enable_deep_supervision else [[1, 1]]
     while True:
         images, labels = [], []
         for _ in range(batch_size):
-            image, label, _ = long_range_case(rng, SIDE)
+            image, label, _ = long_range_case(rng, side)
             image = image.astype(np.float32)
             image = (image - image.mean()) / (image.std() + 1e-8)
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
@@ -116,12 +119,13 @@ def batch_stream(trainer, seed: int, batch_size: int = 2):
         target = [seg if all(s == 1 for s in scale) else
                   torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
                   for scale in scales]
-        yield {"data": data, "target": target}
+        yield {"data": data, "target": target if trainer.enable_deep_supervision else target[0]}
 
 
 @torch.no_grad()
 def evaluate(network, held_out) -> dict:
     network.eval()
+    deep_supervision = network.decoder.deep_supervision
     network.decoder.deep_supervision = False
     correct, fraction, dice = [], [], []
     for image, label, blob in held_out:
@@ -134,18 +138,18 @@ def evaluate(network, held_out) -> dict:
         fraction.append(float((inside == truth).mean()))
         predicted = prediction == truth
         dice.append(float(2 * (predicted & blob).sum() / (predicted.sum() + blob.sum())))
-    network.decoder.deep_supervision = True
+    network.decoder.deep_supervision = deep_supervision
     network.train()
     return {"accuracy": correct, "pixel_accuracy": fraction, "dice": dice}
 
 
-def run_arm(arm: str, seed: int, steps: int, steps_per_epoch: int, held_out, log) -> dict:
-    plans, dataset_json = long_range_plans(SIDE)
+def run_arm(arm: str, seed: int, steps: int, steps_per_epoch: int, held_out, side: int, log) -> dict:
+    plans, dataset_json = long_range_plans(side)
     with tempfile.TemporaryDirectory() as workdir:
         torch.manual_seed(seed)
         np.random.seed(seed)
         trainer = make_trainer(arm, plans, dataset_json, workdir, num_epochs=max(1, steps // steps_per_epoch))
-        stream = batch_stream(trainer, seed)
+        stream = batch_stream(trainer, seed, side)
         losses, start = [], time.time()
         for step in range(steps):
             if step % steps_per_epoch == 0:
@@ -159,8 +163,9 @@ def run_arm(arm: str, seed: int, steps: int, steps_per_epoch: int, held_out, log
         groups = trainer.logger.get_value("hymunet_param_groups", step=None)
     log(f"{arm} seed {seed}: accuracy {np.mean(scores['accuracy']):.3f}, dice {np.mean(scores['dice']):.3f}, "
         f"loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}, {seconds:.0f} s")
-    return {"arm": arm, "seed": seed, "steps": steps, "seconds": seconds, "loss_first": float(np.mean(losses[:20])),
-            "loss_last": float(np.mean(losses[-20:])), "scores": scores, "param_groups_last_epoch": groups[-1]}
+    return {"arm": arm, "seed": seed, "steps": steps, "side": side, "seconds": seconds,
+            "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:])), "scores": scores,
+            "param_groups_last_epoch": groups[-1]}
 
 
 def summarise(records: list, arms: list) -> str:
@@ -199,6 +204,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300, help="train_step calls per run")
     parser.add_argument("--steps-per-epoch", type=int, default=25, help="lr schedule and diagnostics granularity")
     parser.add_argument("--eval-cases", type=int, default=40)
+    parser.add_argument("--side", type=int, default=SIDE, help="image side in px (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -206,20 +212,22 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     runs_file = os.path.join(args.output, "runs.jsonl")
     records = [json.loads(line) for line in open(runs_file)] if os.path.isfile(runs_file) else []
-    done = {(r["arm"], r["seed"], r["steps"]) for r in records}
-    held_out = cases(EVAL_SEED, args.eval_cases)
+    done = {(r["arm"], r["seed"], r["steps"], r.get("side", 128)) for r in records}
+    held_out = cases(EVAL_SEED, args.eval_cases, args.side)
     for seed in args.seeds:
         for arm in args.arms:
-            if (arm, seed, args.steps) in done:
+            if (arm, seed, args.steps, args.side) in done:
                 continue
-            record = run_arm(arm, seed, args.steps, args.steps_per_epoch, held_out, lambda m: print(m, flush=True))
+            record = run_arm(arm, seed, args.steps, args.steps_per_epoch, held_out, args.side,
+                             lambda m: print(m, flush=True))
             with open(runs_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
             records.append(record)
-    records = [r for r in records if r["steps"] == args.steps]
+    records = [r for r in records if r["steps"] == args.steps and r.get("side", 128) == args.side]
     table = summarise(records, args.arms)
     command = "python scripts/ab_design.py " + " ".join(
-        ["-o", args.output, "--arms", *args.arms, "--seeds", *map(str, args.seeds), "--steps", str(args.steps),
+        ["-o", args.output, "--side", str(args.side), "--arms", *args.arms, "--seeds", *map(str, args.seeds),
+         "--steps", str(args.steps),
          "--steps-per-epoch", str(args.steps_per_epoch), "--eval-cases", str(args.eval_cases)])
     text = (f"# Design A/B on the long-range task\n\nCommand: `{command}`\n\n{table}\n\n"
             "Paired test: Wilcoxon signed-rank on the per-case fraction of blob pixels given the right class, "
