@@ -45,7 +45,7 @@ MODELS = {
 SIDE_BY_SIDE = {  # plan -> (models, forward only)
     "isic-like-2d": (["PlainConvUNet", "HyMUNet cross+mgf (default)", "HyMUNet Mamba on the deepest 3 stages",
                       "HyMUNet no-Mamba (n_mamba_stages=0)"], False),
-    "brats-like-3d": (["PlainConvUNet", "HyMUNet cross+mgf (default)", "HyMUNet Mamba on the deepest 3 stages"], True),
+    "brats-like-3d": (["PlainConvUNet", "HyMUNet cross+mgf (default)"], True),  # 6 stages: Mamba on the deepest 3
 }
 
 
