@@ -149,8 +149,8 @@ def test_report_from_fake_evaluated_runs(tmp_path):
     assert f"{2 / 2**12:.3g}" in row
     assert "the Mamba layers" in text  # the HyMUNet vs _noMamba ablation finding is reported
     paths = build_report([entry], "nnUNetTrainer", str(tmp_path))
-    html = open(paths["html"]).read()
-    assert "data:image/png;base64," in html and "<table" in html
+    assert set(paths) == {"md", "json"}  # no HTML copy: the Markdown links the plots by relative path
+    assert f"]({entry['boxplots'][0]})" in open(paths["md"]).read()
     assert json.load(open(paths["json"]))["reference"] == "nnUNetTrainer"
 
 

@@ -35,7 +35,8 @@ def test_benchmark_end_to_end_is_resumable(tmp_path):
                  "### lesion", "### blob_key_bright", "### Blob-class accuracy", "Params (M)"):
         assert text in report
     assert len(list((report_dir / "runs").glob("Dataset*/*/fold0.json"))) == 4  # one small summary per run
-    assert "data:image/png;base64," in (report_dir / "report.html").read_text()
+    images = [line[line.index("(") + 1:-1] for line in report.splitlines() if line.startswith("![")]
+    assert images and all((report_dir / image).is_file() for image in images)  # linked by relative path
     checkpoints = sorted((tmp_path / "res").glob("Dataset*/*__nnUNetPlans__2d/fold_0/checkpoint_final.pth"))
     assert len(checkpoints) == 4
     mtimes = [c.stat().st_mtime for c in checkpoints]

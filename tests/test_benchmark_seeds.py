@@ -14,10 +14,11 @@ from scipy.stats import wilcoxon
 from nnunetv2_hymunet.benchmark import runner
 from nnunetv2_hymunet.benchmark.ext_trainers import benchmark_trainers
 from nnunetv2_hymunet.benchmark.report import ablation_findings, dataset_section, seeded_dataset_section, verdict
-from nnunetv2_hymunet.benchmark.schedule import bench_trainer_name, parse_bench_name, read_schedule
+from nnunetv2_hymunet.benchmark.schedule import SCHEDULE_ENV, bench_trainer_name, parse_bench_name
 from nnunetv2_hymunet.benchmark.study import run_benchmark, run_summary, summary_path, write_run_summary
 from nnunetv2_hymunet.cli import main
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.nnunet_tools import read_schedule
 
 DATASET = "Dataset962_Seeds"
 
@@ -106,10 +107,11 @@ def test_two_stage_networks_train_without_deep_supervision():
 
 
 def test_read_schedule():
-    assert read_schedule({"HYMUNET_BENCH_EPOCHS": "3", "HYMUNET_BENCH_ITERATIONS": " "}) == {"num_epochs": 3}
+    environ = {"HYMUNET_BENCH_EPOCHS": "3", "HYMUNET_BENCH_ITERATIONS": " "}
+    assert read_schedule(SCHEDULE_ENV, environ) == {"num_epochs": 3}
     for bad in ("0", "-2", "1.5", "x"):
         with pytest.raises(HyMUNetError, match="HYMUNET_BENCH_VAL_ITERATIONS"):
-            read_schedule({"HYMUNET_BENCH_VAL_ITERATIONS": bad})
+            read_schedule(SCHEDULE_ENV, {"HYMUNET_BENCH_VAL_ITERATIONS": bad})
 
 
 # ---------------------------------------------------------------- runs per seed
@@ -178,11 +180,11 @@ def test_corrupt_plans_are_named(nnunet_folders, capsys):
         plans.write_text(text)
         with pytest.raises(HyMUNetError, match=f"^{plans}: "):
             run_benchmark(["962"], ["2d"], ["nnUNetTrainer"], [0], None, dry_run=True, log=print)
-        assert main(["profile", "-d", "962", "-c", "2d", "--models", "nnUNetTrainer"]) == 1
+        assert main(["profile", "-d", "962", "-c", "2d", "-tr", "nnUNetTrainer"]) == 1
         err = capsys.readouterr().err.strip()
         assert str(plans) in err and len(err.splitlines()) == 1
     plans.write_text(json.dumps({"configurations": {"2d": {"data_identifier": "x"}}}))  # no architecture
-    assert main(["profile", "-d", "962", "-c", "2d", "--models", "nnUNetTrainer"]) == 1
+    assert main(["profile", "-d", "962", "-c", "2d", "-tr", "nnUNetTrainer"]) == 1
     assert "lacks a patch_size" in capsys.readouterr().err
 
 

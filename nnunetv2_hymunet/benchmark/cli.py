@@ -31,7 +31,7 @@ def run_profile(args) -> int:
     if args.patch_size:
         native = plan.configuration_dict["patch_size"]
         plan = plan.with_patch_size(args.patch_size)
-    result = profile_models(plan, args.models or list(DEFAULT_MODELS), device=args.device or _default_device(),
+    result = profile_models(plan, args.trainers or list(DEFAULT_MODELS), device=args.device or _default_device(),
                             batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
                             case_shape=args.case_shape, sliding_window=not args.no_sliding_window,
                             native_patch_size=native, threads=args.threads)
@@ -55,7 +55,7 @@ def run_benchmark_command(args) -> int:
             raise HyMUNetError("--epochs, --iterations and --val-iterations go together, each a positive integer")
         schedule = dict(zip(SCHEDULE_ENV, values))
     if not args.output and not (args.dry_run or args.emit_slurm):
-        raise HyMUNetError("--output DIR is required (where logs, evaluations and the report go)")
+        raise HyMUNetError("-o/--output DIR is required (where logs, evaluations and the report go)")
     slurm = {"time_limit": args.slurm_time, "gpus": args.slurm_gpus, "cpus": args.slurm_cpus,
              "partition": args.slurm_partition}
     run_benchmark(args.dataset, args.configuration, args.trainers, args.folds,
@@ -98,9 +98,9 @@ def add_subparsers(subparsers) -> None:
     source.add_argument("-d", "--dataset", help="dataset id or name (reads $nnUNet_preprocessed/DatasetX/PLANS.json)")
     p.add_argument("-c", "--configuration", help="configuration of the dataset's plans (2d, 3d_fullres, ...)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--models", nargs="+", help="trainer class names and/or ResEncM (default: nnUNetTrainer ResEncM "
-                                               "nnUNetTrainerHyMUNet nnUNetTrainerHyMUNet_noMGF "
-                                               "nnUNetTrainerHyMUNet_noMamba)")
+    p.add_argument("-tr", "--trainers", nargs="+", help="trainer class names and/or ResEncM (default: nnUNetTrainer "
+                                                         "ResEncM nnUNetTrainerHyMUNet nnUNetTrainerHyMUNet_noMGF "
+                                                         "nnUNetTrainerHyMUNet_noMamba)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--batch-size", type=int, help="default: the plan's on CUDA, at most 2 on CPU")
     p.add_argument("--patch-size", type=int, nargs="+", help="override the plan's patch size (FLOPs at the plan's "
@@ -121,7 +121,7 @@ def add_subparsers(subparsers) -> None:
         "run", help="run (resumably) datasets x trainers x folds and build the report",
         description="Preprocesses datasets that are not, trains every (dataset, trainer, fold) that is not finished "
                     "with nnUNetv2_train ... --npz, evaluates the cross-validation predictions, profiles the networks "
-                    "and writes OUTPUT/report.{md,html,json}. Rerunning skips finished folds.")
+                    "and writes OUTPUT/report.{md,json}. Rerunning skips finished folds.")
     r.add_argument("-d", "--dataset", nargs="+", required=True, help="dataset ids or names")
     r.add_argument("-c", "--configuration", nargs="+", default=["2d"],
                    help="one configuration for all datasets, or one per dataset (default 2d)")
@@ -140,8 +140,8 @@ def add_subparsers(subparsers) -> None:
     r.add_argument("--epochs", type=int, help="short schedule: train <Trainer>_bench copies with this many epochs")
     r.add_argument("--iterations", type=int, help="short schedule: training iterations per epoch")
     r.add_argument("--val-iterations", type=int, help="short schedule: validation iterations per epoch")
-    r.add_argument("--num-processes", type=int, help="nnUNet_def_n_proc for nnU-Net subprocesses and -np for "
-                                                     "preprocessing (default: nnU-Net's)")
+    r.add_argument("-np", "--num-processes", type=int, help="nnUNet_def_n_proc for nnU-Net subprocesses and -np for "
+                                                           "preprocessing (default: nnU-Net's)")
     r.add_argument("--n-proc-da", type=int, help="nnUNet_n_proc_DA for training (0: augmentation in the main process)")
     r.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
     r.add_argument("--emit-slurm", metavar="FILE", help="write a Slurm job array of the pending trainings and stop")

@@ -177,8 +177,8 @@ def write_long_range_plans(dataset: str, configuration: str = "2d", source_plans
                            n_stages: int = None, trainers=CONV_ONLY_TRAINERS, log=print) -> str:
     """Write $nnUNet_preprocessed/<dataset>/nnUNetLongRangePlans.json; returns its path. Refuses (HyMUNetError) when a
     conv-only network of `trainers` would see from a blob to a marker."""
-    from nnunetv2_hymunet.benchmark.atomic import atomic_write_text
     from nnunetv2_hymunet.benchmark.presets import ProfilePlan, dataset_plan
+    from nnunetv2_hymunet.fs_safety import atomic_write_text
 
     plan = dataset_plan(dataset, configuration, source_plans)
     folder = os.path.dirname(plan.source)

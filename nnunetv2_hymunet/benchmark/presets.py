@@ -193,16 +193,13 @@ def preset_plan(name: str) -> ProfilePlan:
 
 def dataset_plan(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans") -> ProfilePlan:
     """The plans nnU-Net wrote for a dataset: $nnUNet_preprocessed/DatasetX/PLANS.json and its dataset.json."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2_hymunet.nnunet_tools import resolve_dataset
 
     preprocessed = os.environ.get("nnUNet_preprocessed")
     if not preprocessed:
         raise HyMUNetError("nnUNet_preprocessed is not set: it must point at the folder nnUNetv2_plan_and_preprocess "
                            "wrote, or use --plan for a built-in plan")
-    try:
-        dataset_name = maybe_convert_to_dataset_name(str(dataset))
-    except RuntimeError as e:
-        raise HyMUNetError(f"dataset {dataset!r} not found: {e}") from None
+    dataset_name = resolve_dataset(dataset)
     plans_file = join(preprocessed, dataset_name, plans_identifier + ".json")
     dataset_json_file = join(preprocessed, dataset_name, "dataset.json")
     for f in (plans_file, dataset_json_file):

@@ -7,7 +7,7 @@ import json
 import math
 import os
 
-from nnunetv2_hymunet.benchmark.atomic import atomic_write_bytes, atomic_write_text
+from nnunetv2_hymunet.fs_safety import atomic_write_bytes, atomic_write_text
 
 
 def _fmt(value, digits=1):

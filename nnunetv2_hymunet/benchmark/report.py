@@ -3,7 +3,7 @@
 Per (dataset, model) the validation predictions of all requested folds are gathered (symbolic links) into one
 cross-validation folder next to links to the matching `gt_segmentations`, and evaluated with the project's
 evaluation API (`evaluate_folders`: per-image and pooled metrics). Per dataset, `compare_runs` gives the paired
-Wilcoxon signed-rank tests and box plots. The report (report.md, report.html with the PNGs embedded, report.json)
+Wilcoxon signed-rank tests and box plots. The report (report.md, linking the PNGs, and report.json)
 has, per dataset and label: mean +- sample std of the per-image metrics, the pooled (one confusion matrix) Dice and
 IoU, the paired test of every model against the reference model, and the efficiency columns of `hymunet profile`.
 
@@ -13,19 +13,17 @@ signed-rank test of the model against the reference over the pairs (seed, case).
 (SynthOppositeKey2D) it adds blob-class accuracy (benchmark/long_range.py) next to Dice.
 """
 
-import base64
-import html
 import json
 import math
 import os
 import shutil
 import statistics
 
-from nnunetv2_hymunet.benchmark.atomic import atomic_write_text
 from nnunetv2_hymunet.benchmark.long_range import is_long_range_dataset, score_folder
 from nnunetv2_hymunet.benchmark.presets import read_json_file
 from nnunetv2_hymunet.benchmark.schedule import parse_bench_name
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import atomic_write_text
 
 TABLE_METRICS = ("dice", "iou", "precision", "recall", "hd95")
 TESTED_METRICS = ("dice", "hd95")
@@ -357,41 +355,6 @@ def seeded_ablation_findings(models: list, first_metrics: dict) -> list:
     return (["**Ablations** (same plans, same folds, same seeds):", ""] + lines + [""]) if lines else []
 
 
-def render_html(markdown: str, output_dir: str) -> str:
-    """A self-contained page: the Markdown as preformatted tables and every PNG embedded as base64."""
-    body = []
-    for line in markdown.splitlines():
-        if line.startswith("![") and line.endswith(")"):
-            path = line[line.index("(") + 1:-1]
-            full = path if os.path.isabs(path) else os.path.join(output_dir, path)
-            if os.path.isfile(full):
-                with open(full, "rb") as f:
-                    data = base64.b64encode(f.read()).decode()
-                body.append(f'<img alt="{html.escape(path)}" src="data:image/png;base64,{data}" '
-                            'style="max-width:100%">')
-                continue
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("|"):
-            if set(line.replace("|", "").strip()) <= {"-"}:
-                continue
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    text = "\n".join(body)
-    # group consecutive rows into tables
-    text = text.replace("</p>\n<tr>", "</p>\n<table border=1 cellspacing=0 cellpadding=3><tr>")
-    text = text.replace("</h3>\n<tr>", "</h3>\n<table border=1 cellspacing=0 cellpadding=3><tr>")
-    text = text.replace("</tr>\n<p>", "</tr></table>\n<p>").replace("</tr>\n<h", "</tr></table>\n<h")
-    text = text.replace("</tr>\n<img", "</tr></table>\n<img")
-    if text.endswith("</tr>"):
-        text += "</table>"
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>HyM-UNet benchmark</title></head>"
-            f"<body style='font-family:sans-serif'>{text}</body></html>\n")
-
-
 def _json_model(model: dict) -> dict:
     if "seeds" not in model:
         metrics = model["metrics"]
@@ -404,7 +367,8 @@ def _json_model(model: dict) -> dict:
 
 
 def build_report(entries: list, reference: str, output_dir: str, header_lines=()) -> dict:
-    """Write report.md / report.html / report.json into output_dir from evaluated dataset entries."""
+    """Write report.md (images linked by relative path: any Markdown viewer shows them) and report.json into
+    output_dir from evaluated dataset entries."""
     if not entries:
         raise HyMUNetError("no dataset has all requested folds finished: nothing to report")
     lines = ["# Benchmark report", "", *header_lines, ""]
@@ -412,9 +376,8 @@ def build_report(entries: list, reference: str, output_dir: str, header_lines=()
         lines += seeded_dataset_section(entry, reference) if "seeds" in entry["models"][0] else dataset_section(
             entry, reference)
     markdown = "\n".join(lines) + "\n"
-    paths = {k: os.path.join(output_dir, f"report.{k}") for k in ("md", "html", "json")}
+    paths = {k: os.path.join(output_dir, f"report.{k}") for k in ("md", "json")}
     atomic_write_text(paths["md"], markdown)
-    atomic_write_text(paths["html"], render_html(markdown, output_dir))
     summary = [{"dataset": e["dataset"], "configuration": e["configuration"],
                 "models": [_json_model(m) for m in e["models"]],
                 "tests": e["comparison"]["tests"] if e.get("comparison") else [],

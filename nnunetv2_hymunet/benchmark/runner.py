@@ -17,18 +17,18 @@ seed.
 import json
 import os
 import shlex
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-from nnunetv2_hymunet.benchmark.atomic import atomic_write_text
 from nnunetv2_hymunet.benchmark.long_range import LONG_RANGE_PLANS, SOURCE_PLANS
 from nnunetv2_hymunet.benchmark.presets import read_plans
 from nnunetv2_hymunet.benchmark.schedule import BENCH_SUFFIX, bench_trainer_name
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import atomic_write_text
+from nnunetv2_hymunet.nnunet_ext_hook import ENV_VAR as EXT_TRAINER_VAR
+from nnunetv2_hymunet.nnunet_ext_hook import with_ext_trainer_folder
+from nnunetv2_hymunet.nnunet_tools import dataset_id, resolve_dataset, run_logged, shell_line
 
 DEFAULT_PLANS = "nnUNetPlans"
 # plans identifiers nnU-Net's planners write by default -> the planner that writes them (-pl)
@@ -70,7 +70,7 @@ class Run:
 
     @property
     def dataset_id(self) -> str:
-        return str(int(self.dataset[len("Dataset"):len("Dataset") + 3]))
+        return str(dataset_id(self.dataset))
 
     @property
     def model_folder(self) -> str:
@@ -164,16 +164,6 @@ def check_seeds(seeds) -> list:
     return seeds
 
 
-def resolve_dataset(dataset: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        return maybe_convert_to_dataset_name(str(dataset))
-    except (RuntimeError, ValueError) as e:
-        raise HyMUNetError(f"-d {dataset}: no such dataset in nnUNet_raw / nnUNet_preprocessed / nnUNet_results "
-                           f"({e})") from None
-
-
 def plan_runs(datasets, configurations, models, folds, short_schedule: bool, seeds=None) -> list:
     """All runs, in dataset, seed, fold, model order (so partial results cover every model early)."""
     if len(configurations) not in (1, len(datasets)):
@@ -203,18 +193,18 @@ def preprocessing_commands(dataset: str, configuration: str, plans: str, num_pro
     if not nnUNet_preprocessed:
         raise HyMUNetError("nnUNet_preprocessed is not set: it must point at nnU-Net's preprocessed folder")
     folder = os.path.join(nnUNet_preprocessed, dataset)
-    dataset_id = str(int(dataset[7:10]))
+    number = str(dataset_id(dataset))
     plans_file = os.path.join(folder, plans + ".json")
     n = str(num_processes)
     if not os.path.isfile(plans_file):
         if plans == LONG_RANGE_PLANS:
             return (preprocessing_commands(dataset, configuration, SOURCE_PLANS, num_processes)
-                    + [["hymunet", "benchmark", "long-range-plans", "-d", dataset_id, "-c", configuration]])
+                    + [["hymunet", "benchmark", "long-range-plans", "-d", number, "-c", configuration]])
         if plans not in PLANNER_FOR_PLANS:
             raise HyMUNetError(f"{plans_file} does not exist and {plans!r} is not a plans name a stock planner writes "
                                f"({', '.join(PLANNER_FOR_PLANS)}) nor {LONG_RANGE_PLANS}: create it first (e.g. "
                                "hymunet plan)")
-        return [["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-pl", PLANNER_FOR_PLANS[plans],
+        return [["nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-pl", PLANNER_FOR_PLANS[plans],
                  "-np", n, "-npfp", n]]
     configurations = read_plans(plans_file)["configurations"]
     if configuration not in configurations:
@@ -224,7 +214,7 @@ def preprocessing_commands(dataset: str, configuration: str, plans: str, num_pro
     data = os.path.join(folder, identifier) if identifier else None
     if data and os.path.isdir(data) and os.listdir(data) and os.path.isdir(os.path.join(folder, "gt_segmentations")):
         return []
-    return [["nnUNetv2_preprocess", "-d", dataset_id, "-c", configuration, "-plans_name", plans, "-np", n]]
+    return [["nnUNetv2_preprocess", "-d", number, "-c", configuration, "-plans_name", plans, "-np", n]]
 
 
 def subprocess_environment(short_schedule: dict = None, num_processes: int = None, n_proc_da: int = None,
@@ -233,10 +223,7 @@ def subprocess_environment(short_schedule: dict = None, num_processes: int = Non
     whether there is a short schedule): the trainings use the benchmark trainer copies, so nnU-Net must find them."""
     env = {}
     if bench_copies or (bench_copies is None and short_schedule):
-        current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-        if BENCH_TRAINER_FOLDER not in current:
-            current.append(BENCH_TRAINER_FOLDER)
-        env["nnUNet_extTrainer"] = os.pathsep.join(current)
+        env[EXT_TRAINER_VAR] = with_ext_trainer_folder(BENCH_TRAINER_FOLDER, os.environ.get(EXT_TRAINER_VAR))
     if short_schedule:
         env.update({k: str(v) for k, v in short_schedule.items()})
     if num_processes is not None:
@@ -246,37 +233,10 @@ def subprocess_environment(short_schedule: dict = None, num_processes: int = Non
     return env
 
 
-def shell_line(command: list, env: dict = None) -> str:
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-    return (prefix + " " if prefix else "") + " ".join(shlex.quote(c) for c in command)
-
-
-def _executable(name: str) -> str:
-    beside = os.path.join(os.path.dirname(sys.executable), name)
-    if os.path.isfile(beside):
-        return beside
-    found = shutil.which(name)
-    if not found:
-        raise HyMUNetError(f"{name} not found next to {sys.executable} nor on PATH: is nnunetv2 installed?")
-    return found
-
-
-def execute(command: list, env: dict, log_file: str, log=print) -> float:
-    """Run an nnU-Net command with its output in log_file; seconds taken. A failure raises, naming the log."""
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
-    start = time.time()
-    with open(log_file, "a") as f:
-        f.write(f"\n$ {shell_line(command, env)}\n")
-        f.flush()
-        process = subprocess.run([_executable(command[0]), *command[1:]], env={**os.environ, **env}, stdout=f,
-                                 stderr=subprocess.STDOUT)
-    seconds = time.time() - start
-    if process.returncode != 0:
-        with open(log_file) as f:
-            tail = "".join(f.readlines()[-15:])
-        raise HyMUNetError(f"{command[0]} failed (exit {process.returncode}) after {seconds:.0f} s; log: {log_file}\n"
-                           f"{tail}")
-    return seconds
+def execute(command: list, env: dict, log_file: str) -> float:
+    """Run an nnU-Net command (with `env` on top of this environment), appending its output to log_file; seconds
+    taken. A failure raises, naming the log."""
+    return run_logged(command, log_file, {**os.environ, **env}, append=True)
 
 
 class Ledger:

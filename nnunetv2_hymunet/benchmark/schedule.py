@@ -1,12 +1,10 @@
-"""What a benchmark trainer copy is (`<Trainer>_bench`, `<Trainer>_bench_s<seed>`) and the short schedule it reads.
+"""What a benchmark trainer copy is (`<Trainer>_bench`, `<Trainer>_bench_s<seed>`) and the short schedule it reads
+(through nnunetv2_hymunet.nnunet_tools.read_schedule(SCHEDULE_ENV), as the demo trainer reads its own).
 
 Light on purpose (no torch, no nnunetv2): the CLI, the runner and the trainer copies in ext_trainers/ all use it.
 """
 
-import os
 import re
-
-from nnunetv2_hymunet.errors import HyMUNetError
 
 # environment variable -> trainer attribute it sets
 SCHEDULE_ENV = {"HYMUNET_BENCH_EPOCHS": "num_epochs", "HYMUNET_BENCH_ITERATIONS": "num_iterations_per_epoch",
@@ -15,24 +13,6 @@ BENCH_SUFFIX = "_bench"
 # <base>_bench or <base>_bench_s<seed>; the seed is part of the class name, so `--c` and nnUNetv2_predict (which look
 # the class up by the name stored in the checkpoint) get the same seeded trainer back
 BENCH_NAME = re.compile(r"^(?P<base>\w+?)_bench(?:_s(?P<seed>\d+))?$")
-
-
-def read_schedule(environ=os.environ) -> dict:
-    """{trainer attribute: value} for the HYMUNET_BENCH_* variables that are set; a bad value raises, naming it."""
-    schedule = {}
-    for variable, attribute in SCHEDULE_ENV.items():
-        text = environ.get(variable, "").strip()
-        if not text:
-            continue
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise HyMUNetError(f"environment variable {variable}={text!r}: expected a positive integer "
-                               "(the short schedule of the benchmark trainer copies)")
-        schedule[attribute] = value
-    return schedule
 
 
 def bench_trainer_name(trainer: str, seed: int = None) -> str:

@@ -11,10 +11,11 @@ import sys
 import time
 
 from nnunetv2_hymunet.benchmark import runner
-from nnunetv2_hymunet.benchmark.atomic import atomic_write_text
 from nnunetv2_hymunet.benchmark.report import build_report, evaluate_model, safe_name
-from nnunetv2_hymunet.benchmark.schedule import SCHEDULE_ENV, read_schedule
+from nnunetv2_hymunet.benchmark.schedule import SCHEDULE_ENV
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.fs_safety import atomic_write_text
+from nnunetv2_hymunet.nnunet_tools import read_schedule
 
 
 def _profile_dataset(dataset: str, configuration: str, plans: str, trainers: list, device: str, repeats: int,
@@ -68,7 +69,7 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
     train_env = runner.subprocess_environment(short_schedule, num_processes, n_proc_da, training=True,
                                               bench_copies=bench_copies)
     if bench_copies:  # the copies read these from the environment: refuse bad values before any training starts
-        read_schedule({**{k: v for k, v in os.environ.items() if k in SCHEDULE_ENV}, **train_env})
+        read_schedule(SCHEDULE_ENV, {**os.environ, **train_env})
     n_proc = num_processes or 1
 
     preprocessing, seen = [], set()
@@ -98,7 +99,7 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
     for command in preprocessing:
         log(f"preprocessing: {runner.shell_line(command)}")
         dataset_id = command[command.index("-d") + 1]
-        seconds = runner.execute(command, preprocess_env, os.path.join(logs, f"preprocess_D{dataset_id}.log"), log)
+        seconds = runner.execute(command, preprocess_env, os.path.join(logs, f"preprocess_D{dataset_id}.log"))
         ledger.record(action="preprocess", command=runner.shell_line(command), seconds=round(seconds, 1))
     trained = []
     for run in runs:
@@ -115,7 +116,7 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
         seed = f"seed{run.seed}__" if run.seed is not None else ""
         log_file = os.path.join(logs, safe_name(f"{run.dataset}__{run.model.label}__{run.configuration}__{seed}"
                                                 f"fold{run.fold}") + ".log")
-        seconds = runner.execute(command, train_env, log_file, log)
+        seconds = runner.execute(command, train_env, log_file)
         trained.append(run.describe())
         ledger.record(action=state, run=run.describe(), command=runner.shell_line(command, train_env),
                       seconds=round(seconds, 1), schedule=short_schedule or "trainer default")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_hymunet.benchmark.schedule import parse_bench_name, read_schedule
+from nnunetv2_hymunet.benchmark.schedule import SCHEDULE_ENV, parse_bench_name
+from nnunetv2_hymunet.nnunet_tools import read_schedule
 
 
 def seed_everything(seed: int) -> None:
@@ -37,7 +38,7 @@ def _bench_class(base, name: str, seed):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
-        for attribute, value in read_schedule().items():
+        for attribute, value in read_schedule(SCHEDULE_ENV).items():
             setattr(self, attribute, value)
         self.save_every = max(1, min(self.save_every, self.num_epochs))
         if len(self.configuration_manager.pool_op_kernel_sizes) < 3:
