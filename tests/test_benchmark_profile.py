@@ -57,6 +57,17 @@ def test_flop_count_matches_a_hand_count():
     assert count_flops(conv, (1, 3, 16, 16)) == {"counted": 2 * 135 * 256, "scan_analytic": 0}
 
 
+def test_scan_flops_come_from_the_registered_formula():
+    from nnunetv2_hymunet.ssm import Mamba
+    from nnunetv2_hymunet.ssm.selective_scan import selective_scan_flops
+
+    mamba = Mamba(d_model=8, d_state=4)
+    flops = count_flops(mamba, (2, 10, 8))  # one scan call: batch 2, 10 tokens, with D, z, the step bias, softplus
+    assert flops["scan_analytic"] == selective_scan_flops(2, mamba.d_inner, 10, 4, D=True, z=True, delta_bias=True,
+                                                          delta_softplus=True) == 2 * mamba.d_inner * 10 * (7 * 4 + 10)
+    assert flops["counted"] > 0  # the projections, counted by FlopCounterMode as before
+
+
 def test_networks_are_what_the_trainer_builds():
     network, trainer, n_in, n_out = build_training_network("nnUNetTrainerHyMUNet_noMGF", tiny_plan())
     assert trainer == "nnUNetTrainerHyMUNet_noMGF" and (n_in, n_out) == (1, 3)

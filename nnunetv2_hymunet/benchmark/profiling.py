@@ -3,9 +3,10 @@
 How each number is measured (also written into every report):
 
 - FLOPs per patch: `torch.utils.flop_counter.FlopCounterMode` on one sample (batch 1, inference, no deep
-  supervision), run on the meta device so any patch size costs nothing. It counts convolutions and matrix products
-  (2 FLOPs per multiply-add). The selective scan is hidden from it and counted analytically instead, as
-  9 * B * d_inner * L * N per scan call (B includes the stacked scan directions), the estimate mamba_ssm uses.
+  supervision), run on fake tensors so any patch size costs nothing. It counts convolutions and matrix products
+  (2 FLOPs per multiply-add), and the selective scan through the formula registered for its custom op:
+  B * d_inner * L * (7 * N + k) per scan call (B includes the stacked scan directions; see
+  nnunetv2_hymunet.ssm.selective_scan.selective_scan_flops).
 - Latency: forward pass (eval, no_grad, no deep supervision) and one training step (train mode, deep supervision on,
   cross-entropy on every output, SGD with Nesterov momentum 0.99, gradient clipping at 12: nnU-Net's optimiser)
   at the chosen batch size. Every model is built first; then warm-up rounds and timed rounds go round-robin over the
@@ -30,79 +31,32 @@ from nnunetv2_hymunet.benchmark.models import build_training_network, set_deep_s
 from nnunetv2_hymunet.benchmark.presets import ProfilePlan
 from nnunetv2_hymunet.errors import HyMUNetError
 
-SCAN_FLOPS_PER_ELEMENT = 9  # mamba_ssm's estimate for one selective-scan step per (channel, state)
-
-
 # ---------------------------------------------------------------- FLOPs
 
 
-@contextlib.contextmanager
-def _analytic_scan(counter: list):
-    """Route selective-scan calls around the FLOP counter and add their analytic count to counter[0].
-
-    Patches every loaded nnunetv2_hymunet module that imported `selective_scan_fn`. On meta tensors the scan is not
-    run (its output shape is known), so counting works at any patch size.
-    """
-    import sys
-
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    from nnunetv2_hymunet.ssm import selective_scan as scan_module
-
-    original = scan_module.selective_scan_fn
-
-    def counted(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-        batch, d_inner, length = u.shape[0], u.shape[1], u.shape[-1]
-        counter[0] += SCAN_FLOPS_PER_ELEMENT * batch * d_inner * length * A.shape[-1]
-        with _disable_current_modes():
-            if u.is_meta:
-                out = u.new_empty(u.shape)
-                return (out, u.new_empty((batch, d_inner, A.shape[-1]))) if return_last_state else out
-            return original(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-
-    patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("nnunetv2_hymunet") and getattr(m, "selective_scan_fn", None) is original]
-    for module in patched:
-        module.selective_scan_fn = counted
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.selective_scan_fn = original
-
-
-@contextlib.contextmanager
-def _autocast_accepts_meta():
-    """torch.autocast(device_type='meta') raises; networks that open an autocast region for their input's device
-    (the Mamba layers force float32 that way) would fail on meta tensors. Map meta to cpu while counting."""
-    import torch
-
-    real = torch.autocast
-
-    class MetaSafeAutocast(real):
-        def __init__(self, device_type, *args, **kwargs):
-            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
-
-    torch.autocast = MetaSafeAutocast
-    try:
-        yield
-    finally:
-        torch.autocast = real
-
-
 def count_flops(network, input_shape) -> dict:
-    """{'counted': FlopCounterMode FLOPs, 'scan_analytic': analytic scan FLOPs} for one forward pass."""
+    """{'counted': FlopCounterMode FLOPs without the scan, 'scan_analytic': the scan's} for one forward pass.
+
+    Runs on fake tensors (shapes only: any patch size costs no memory); the scan is counted through the FLOP formula
+    registered for its custom op (nnunetv2_hymunet.ssm.selective_scan.counting_scan_flops)."""
     import copy
 
     import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    meta_network = copy.deepcopy(network).to("meta").eval()
-    set_deep_supervision(meta_network, False)
-    scan = [0]
-    with torch.no_grad(), _autocast_accepts_meta(), _analytic_scan(scan), FlopCounterMode(display=False) as counter:
-        meta_network(torch.empty(input_shape, device="meta"))
-    return {"counted": int(counter.get_total_flops()), "scan_analytic": int(scan[0])}
+    from nnunetv2_hymunet.ssm.selective_scan import counting_scan_flops
+
+    network = copy.deepcopy(network).eval()
+    set_deep_supervision(network, False)
+    with FakeTensorMode() as fake:
+        state = {name: fake.from_tensor(t) for name, t in
+                 [*network.named_parameters(), *network.named_buffers()]}
+        x = torch.empty(input_shape)
+    with torch.no_grad(), counting_scan_flops(), FlopCounterMode(display=False) as counter, fake:
+        torch.func.functional_call(network, state, (x,))
+    scan = counter.get_flop_counts().get("Global", {}).get(torch.ops.hymunet.selective_scan, 0)
+    return {"counted": int(counter.get_total_flops() - scan), "scan_analytic": int(scan)}
 
 
 # ---------------------------------------------------------------- memory
@@ -387,8 +341,8 @@ def _profile_models(plan, models, device, batch_size, repeats, warmup, case_shap
                      "sliding_window": "tile step 0.5, Gaussian, no mirroring" if sliding_window else None,
                      "memory_method": ("max_memory_allocated" if device.type == "cuda" else
                                        (cpu_meter.method if cpu_meter and cpu_meter.method else "unavailable")),
-                     "flops_method": "FlopCounterMode (batch 1, meta device) + analytic selective scan "
-                                     f"{SCAN_FLOPS_PER_ELEMENT}*B*d_inner*L*N"},
+                     "flops_method": "FlopCounterMode (batch 1, fake tensors); selective scan through its registered "
+                                     "formula B*d_inner*L*(7*N + k), k <= 10 per token and channel"},
         "machine": {**_machine(device), "scan_backend": _scan_backend(device),
                     "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())},
         "models": results,
