@@ -157,7 +157,12 @@ def test_report_from_fake_evaluated_runs(tmp_path):
 def test_regions_case_is_nested():
     channels, label = regions_case(np.random.default_rng(0), 20)
     assert channels.shape == (4, 20, 20, 20)
-    assert set(np.unique(label)) <= {0, 1, 2, 3} and (label == 2).any() and (label == 3).any()
+    assert set(np.unique(label)) <= {0, 1, 2, 3} and all((label == v).any() for v in (1, 2, 3))
+    # nested as in BraTS (labels of conversion/brats_labels.py): the necrotic core (1) never touches the background
+    from scipy import ndimage
+
+    assert not (ndimage.binary_dilation(label == 0) & (label == 1)).any()
+    assert (label == 2).sum() > (label == 1).sum()  # the edema is the outer, larger shell
 
 
 def test_make_suite_writes_nnunet_raw_datasets(tmp_path):
@@ -165,7 +170,9 @@ def test_make_suite_writes_nnunet_raw_datasets(tmp_path):
     assert [os.path.basename(f) for f in folders] == ["Dataset981_SynthLesion2D", "Dataset982_SynthRegions3D",
                                                       "Dataset984_SynthOppositeKey2D"]
     regions = json.load(open(os.path.join(folders[1], "dataset.json")))
-    assert regions["regions_class_order"] == [1, 2, 3] and regions["labels"]["tumor_core"] == [2, 3]
+    # the converter's BraTS convention (conversion/brats_labels.py): 1 NCR, 2 ED, 3 ET
+    assert regions["regions_class_order"] == [2, 1, 3] and regions["labels"]["tumor core"] == [1, 3]
+    assert regions["channel_names"] == {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
     assert len(os.listdir(os.path.join(folders[1], "imagesTr"))) == 4 * regions["numTraining"]
     with pytest.raises(HyMUNetError, match="already exists"):
         make_suite(str(tmp_path), first_id=981, size="tiny", tasks=["SynthLesion2D"])

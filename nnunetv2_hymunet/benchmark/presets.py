@@ -104,10 +104,9 @@ def _brats_like_3d():
                                    "nnUNetPlans_3d_fullres")
     plans = _plans("Dataset000_BraTSLike", "3d_fullres", configuration, "SimpleITKIO", (1.0, 1.0, 1.0),
                    (140, 170, 140), 4)
-    dataset_json = {"channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"},
-                    "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
-                               "enhancing tumor": [3]},
-                    "regions_class_order": [1, 2, 3], "numTraining": 1251, "file_ending": ".nii.gz"}
+    from nnunetv2_hymunet.conversion.brats_labels import dataset_json_fields
+
+    dataset_json = {**dataset_json_fields(), "numTraining": 1251, "file_ending": ".nii.gz"}
     return plans, "3d_fullres", dataset_json, (140, 170, 140)
 
 

@@ -2,9 +2,9 @@
 
 - `SynthLesion2D`: dermoscopy-like RGB images with one irregular lesion (the ISIC-like generator of
   nnunetv2_hymunet.conversion.synthetic); labels background / lesion.
-- `SynthRegions3D`: BraTS-like volumes, 4 channels (FLAIR-, T1ce-, T2-, T1-like contrasts) with a nested tumour:
-  edema (1) around an enhancing rim (3) around a necrotic core (2); evaluated as nnU-Net regions whole tumour
-  [1, 2, 3], tumour core [2, 3], enhancing [3] (regions_class_order [1, 2, 3]).
+- `SynthRegions3D`: BraTS-like volumes, 4 channels (T1-, T1ce-, T2-, FLAIR-like contrasts) with a nested tumour:
+  edema around an enhancing rim around a necrotic core, in the converter's BraTS labels and regions
+  (conversion/brats_labels.py: 1 NCR, 2 ED, 3 ET; whole tumour, tumour core, enhancing tumour).
 - `SynthOppositeKey2D` (the long-range task; id first+3, 973 is the retired SynthLongRange2D): a grey image with a
   textured blob, a bright and a dark round marker, all about 0.4 image widths from the centre. The key marker is
   diametrically opposite the blob through the centre, the decoy a quarter turn from the blob; the blob's label is 1
@@ -29,6 +29,7 @@ import os
 import numpy as np
 from scipy import ndimage
 
+from nnunetv2_hymunet.conversion.brats_labels import CHANNEL_NAMES, ED, ET, NCR, REGION_LABELS, REGIONS_CLASS_ORDER
 from nnunetv2_hymunet.conversion.raw_dataset import AtomicDatasetFolder, write_dataset_json
 from nnunetv2_hymunet.conversion.synthetic import make_isic_like_case
 from nnunetv2_hymunet.errors import HyMUNetError
@@ -136,7 +137,7 @@ def long_range_description(side: int) -> tuple:
 
 
 def regions_case(rng, side: int):
-    """(4 x side^3 float32 channels, label map with 1 edema / 2 necrosis / 3 enhancing) of SynthRegions3D."""
+    """(4 x side^3 float32 channels T1, T1ce, T2, FLAIR; label map 1 NCR / 2 ED / 3 ET) of SynthRegions3D."""
     grid = np.stack(np.mgrid[0:side, 0:side, 0:side]).astype(np.float32)
     centre = side * rng.uniform(0.4, 0.6, size=3)
     radii = side * rng.uniform(0.18, 0.28, size=3)
@@ -148,12 +149,12 @@ def regions_case(rng, side: int):
     brain = sum(((grid[a] - side / 2) / (side * 0.48)) ** 2 for a in range(3)) < 1
     whole, core, necrosis = ellipsoid(1.0), ellipsoid(rng.uniform(0.5, 0.65)), ellipsoid(rng.uniform(0.25, 0.35))
     label = np.zeros((side,) * 3, dtype=np.uint8)
-    label[whole] = 1
-    label[core] = 3
-    label[necrosis] = 2
+    label[whole] = ED
+    label[core] = ET
+    label[necrosis] = NCR
     label[~brain] = 0
-    # (background, edema, necrosis, enhancing) intensity per channel: FLAIR, T1ce, T2, T1
-    contrasts = np.array([[0.3, 0.8, 0.7, 0.75], [0.4, 0.4, 0.2, 0.9], [0.35, 0.7, 0.6, 0.6], [0.5, 0.45, 0.3, 0.35]],
+    # (background, NCR, ED, ET) intensity per channel: T1, T1ce, T2, FLAIR
+    contrasts = np.array([[0.5, 0.3, 0.45, 0.35], [0.4, 0.2, 0.4, 0.9], [0.35, 0.6, 0.7, 0.6], [0.3, 0.7, 0.8, 0.75]],
                          dtype=np.float32)
     channels = np.empty((4, side, side, side), dtype=np.float32)
     for c in range(4):
@@ -210,9 +211,8 @@ def _write_task(folder: str, task: str, n_cases: int, side: int, seed: int) -> N
                            **{DATASET_KEY: {"min_marker_distance_px": min_marker_distance(side),
                                             "expected_receptive_field_px": rf, "expected_stages": stages}})
     else:
-        write_dataset_json(folder, {0: "FLAIR", 1: "T1ce", 2: "T2", 3: "T1"},
-                           {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]},
-                           n_cases, ".nii.gz", regions_class_order=[1, 2, 3], dataset_name=task)
+        write_dataset_json(folder, CHANNEL_NAMES, REGION_LABELS, n_cases, ".nii.gz",
+                           regions_class_order=REGIONS_CLASS_ORDER, dataset_name=task)
 
 
 def make_suite(output_root: str, first_id: int = DEFAULT_FIRST_ID, size: str = "small", tasks=TASKS,

@@ -1,14 +1,11 @@
 """BraTS 2021 and BraTS 2023 GLI -> region-based nnU-Net raw dataset, and predictions back to release labels.
 
-Label space in the converted dataset (the BraTS 2023 convention): 1 = NCR (necrotic / non-enhancing core),
-2 = ED (edema), 3 = ET (enhancing tumour). BraTS 2021's ET label 4 becomes 3; 2023 labels are kept as they are.
-Regions: whole tumour (1, 2, 3), tumour core (1, 3), enhancing tumour (3). nnU-Net turns region probabilities into a
-label map by painting, in order, each entry of `regions_class_order` where its region is predicted; the order that
-reproduces this label space is (2, 1, 3): paint WT as ED, then TC as NCR over it, then ET over that.
+Labels, regions and channels of the converted dataset: conversion/brats_labels.py (BraTS 2023's labels 1 NCR, 2 ED,
+3 ET). BraTS 2021's ET label 4 becomes 3; 2023 labels are kept as they are. Channels: T1 (2021 `t1`, 2023 `t1n`),
+T1ce (`t1ce` / `t1c`), T2 (`t2` / `t2w`), FLAIR (`flair` / `t2f`).
 
-Channels: 0 = T1 (2021 `t1`, 2023 `t1n`), 1 = T1ce (`t1ce` / `t1c`), 2 = T2 (`t2` / `t2w`), 3 = FLAIR (`flair` /
-`t2f`). Images are copied byte for byte, so their geometry is untouched; label maps are rewritten with the source
-header (spacing, origin, direction, qform/sform) and only the voxel values and data type changed.
+Images are copied byte for byte, so their geometry is untouched; label maps are rewritten with the source header
+(spacing, origin, direction, qform/sform) and only the voxel values and data type changed.
 """
 
 import gzip
@@ -20,15 +17,11 @@ from functools import partial
 
 import numpy as np
 
+from nnunetv2_hymunet.conversion.brats_labels import CHANNEL_NAMES, DATASET_LABELS, REGION_LABELS, REGIONS_CLASS_ORDER
 from nnunetv2_hymunet.conversion.case_runner import Problem, describe_read_error, map_cases, raise_if_problems
 from nnunetv2_hymunet.conversion.raw_dataset import AtomicDatasetFolder, write_dataset_json, write_source_record
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.fs_safety import AtomicFolder, check_output_path, check_replaceable
-
-CHANNEL_NAMES = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
-REGION_LABELS = {"background": 0, "whole tumor": (1, 2, 3), "tumor core": (1, 3), "enhancing tumor": (3,)}
-REGIONS_CLASS_ORDER = (2, 1, 3)
-DATASET_LABELS = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
