@@ -2,8 +2,9 @@
 
 For each (d_inner, L) cell a fresh subprocess warms every method up, then times forward (no_grad) and
 forward+backward in interleaved rounds and reports medians. Peak memory is the RSS high-water mark of one call above
-the RSS before it (malloc_trim, then /proc/self/clear_refs resets VmHWM; tracemalloc does not see torch's
-allocations). Also measures the first call (compilation) of native and numba with an empty cache and with the cache.
+the RSS before it, measured by nnunetv2_hymunet.benchmark.profiling.CpuPeakMemory as `hymunet profile` does
+(malloc_trim, then /proc/self/clear_refs resets VmHWM; tracemalloc does not see torch's allocations). Also measures
+the first call (compilation) of native and numba with an empty cache and with the cache.
 
 `native` is the C kernel (compiled on first use, before any timing), `numba` the same algorithm compiled by numba,
 `torch` the chunked pure-PyTorch scan. `indexing_reference` re-does mamba_ssm's selective_scan_ref op sequence
@@ -15,7 +16,6 @@ only runs where it finishes in reasonable time.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 
+from nnunetv2_hymunet.benchmark.profiling import CpuPeakMemory
 from nnunetv2_hymunet.fs_safety import atomic_write_text
 
 METHODS = ("reference", "native", "numba", "torch", "indexing_reference")
@@ -75,20 +76,6 @@ def _inputs(batch, dim, length, n_state):
     return [x.requires_grad_() for x in (u, delta, A, B, C)]
 
 
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-
-
 def _call(core, inputs, mode):
     import torch
 
@@ -111,13 +98,12 @@ def run_cell(dim, length, methods, repeats, batch=2, n_state=16):
     modes = {m: [mode for mode in ("fwd", "fwdbwd")
                  if m != "indexing_reference" or length <= INDEXING_LIMITS[mode]] for m in methods}
     result = {m: {} for m in methods}
+    meter = CpuPeakMemory()  # the resident-set peak as `hymunet profile` measures it
     for method, core in active.items():  # warm-up; measure one call's peak memory
         for mode in modes[method]:
             _call(core, inputs, mode)
-            _reset_peak()
-            before = _rss_kb("VmRSS")
-            _call(core, inputs, mode)
-            result[method][mode] = {"peak_mb": (_rss_kb("VmHWM") - before) / 1024, "times_s": []}
+            peak = meter.measure(lambda: _call(core, inputs, mode))
+            result[method][mode] = {"peak_mb": peak, "times_s": []}
     for _ in range(repeats):  # interleaved rounds
         for method, core in active.items():
             for mode in modes[method]:

@@ -62,8 +62,8 @@ def count_flops(network, input_shape) -> dict:
 # ---------------------------------------------------------------- memory
 
 
-class _CpuPeakMemory:
-    """Resident-set high-water mark of this process, resettable on Linux."""
+class CpuPeakMemory:
+    """Resident-set high-water mark of this process, resettable on Linux (also used by scripts/bench_scan.py)."""
 
     def __init__(self):
         self.method = "VmHWM after /proc/self/clear_refs reset"
@@ -302,7 +302,7 @@ def _profile_models(plan, models, device, batch_size, repeats, warmup, case_shap
                     times[model.name][kind].append(elapsed)
         log(f"  round {round_index + 1}/{warmup + repeats}" + (" (warm-up)" if round_index < warmup else ""))
 
-    cpu_meter = _CpuPeakMemory() if device.type == "cpu" else None
+    cpu_meter = CpuPeakMemory() if device.type == "cpu" else None
     results = []
     for model in under_test:
         model.release()
