@@ -6,8 +6,9 @@ The default plan is the one nnU-Net 2.8.1's ExperimentPlanner writes for an ISIC
 
 Times are medians over --repeats rounds; in each round every model runs once (interleaved), so load changes on the
 machine hit all models alike. Forward = inference (no grad, deep supervision off); train step = forward with deep
-supervision on, a loss over all outputs, backward. FLOPs come from torch.utils.flop_counter.FlopCounterMode, which does
-not see the selective scan (a custom autograd function); its cost is added analytically and printed separately.
+supervision on, a loss over all outputs, backward. FLOPs: `hymunet profile`'s count_flops (FlopCounterMode on fake
+tensors; the selective scan through its registered formula, nnunetv2_hymunet.ssm.selective_scan.selective_scan_flops,
+printed separately).
 Peak memory is the peak RSS during a training step (forward pass with --forward-only) minus the RSS before it,
 measured in a fresh subprocess per model after one warm-up step at a small patch (Linux: the peak is reset through
 /proc/self/clear_refs; glibc returns blocks >= 128 KiB to the system at once, so the RSS follows the live tensors).
@@ -28,6 +29,8 @@ import sys
 import time
 
 import torch
+
+from nnunetv2_hymunet.fs_safety import atomic_write_text
 
 RESENC_M_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)  # nnUNetPlannerResEncM's n_blocks_per_stage, decoder 1 conv
 PLANS = ("isic-like-2d", "brats-like-3d")
@@ -90,46 +93,10 @@ def build(name: str, plan: str = "isic-like-2d", deep_supervision: bool = True):
     return net
 
 
-def scan_flops(net, spatial, batch: int) -> int:
-    """Analytic forward FLOPs of the selective scans: per direction, token, inner channel and state: exp(delta*A),
-    two multiply-adds for the state update, one for the readout (~7 FLOPs); per direction, token and inner channel:
-    softplus, delta*u, D*u and the merge, plus the SiLU(z) gate once (~10 FLOPs)."""
-    from nnunetv2_hymunet.network.mamba_layer import MambaLayer
-
-    total, size = 0, list(spatial)
-    for stage, stride in zip(net.encoder.stages, net.encoder.strides):
-        size = [i // s for i, s in zip(size, stride)]
-        tokens = 1
-        for i in size:
-            tokens *= i
-        for layer in stage.mamba_layers:
-            assert isinstance(layer, MambaLayer)
-            m = layer.mamba_modules[0]  # one per direction or shared: the same shapes
-            total += batch * len(layer.directions) * tokens * m.d_inner * (7 * m.d_state + 10)
-    return total
-
-
-def count_flops(net, x) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        net(x)
-    return counter.get_total_flops()
-
-
 def train_step(net, x) -> None:
     net.zero_grad(set_to_none=True)
     outputs = net(x)
     sum(o.float().square().mean() for o in outputs).backward()
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def forward_pass(net, x) -> None:
@@ -147,14 +114,14 @@ def memory_probe(name: str, plan: str, patch, batch: int, forward_only: bool) ->
     """Run in a fresh process: peak RSS during the first training step (or forward pass) minus the RSS before it
     (MiB), as JSON.
 
-    The peak (VmHWM) is reset first by writing 5 to /proc/self/clear_refs (Linux), so building the model does not
-    hide the step's peak. Before it, one warm-up step at a small patch.
+    Measured by nnunetv2_hymunet.benchmark.profiling.CpuPeakMemory, as `hymunet profile` does: glibc returns blocks
+    >= 128 KiB to the system at once (the RSS follows the live tensors), and the peak (VmHWM) is reset through
+    /proc/self/clear_refs (Linux) so that building the model does not hide the step's. Before it, one warm-up step at
+    a small patch.
     """
-    import ctypes
+    from nnunetv2_hymunet.benchmark.profiling import CpuPeakMemory
 
-    # large blocks straight from and back to the system (M_MMAP_THRESHOLD = 128 KiB, fixed), so that the RSS follows
-    # the live tensors instead of what glibc's heap kept, as nnunetv2_hymunet.benchmark.profiling measures it
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+    meter = CpuPeakMemory()
     net = build(name, plan)
     kwargs, channels = plan_arch(plan)[:2]
     x = torch.randn(batch, channels, *patch)
@@ -166,16 +133,13 @@ def memory_probe(name: str, plan: str, patch, batch: int, forward_only: bool) ->
     if not forward_only:
         net.train()
         set_deep_supervision(net, True)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    (forward_pass if forward_only else train_step)(net, x)
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"peak_rss_increase_mib": (peak - before) / 1024}))
+    peak = meter.measure(lambda: (forward_pass if forward_only else train_step)(net, x))
+    print(json.dumps({"peak_rss_increase_mib": peak}))
 
 
 def run(plan: str, patch, batch: int, repeats: int, threads: int, json_path: str = None, models=None,
         forward_only: bool = False, flops: bool = True) -> dict:
+    from nnunetv2_hymunet.benchmark.profiling import count_flops
     from nnunetv2_hymunet.ssm import resolve_backend
 
     torch.set_num_threads(threads)
@@ -191,10 +155,9 @@ def run(plan: str, patch, batch: int, repeats: int, threads: int, json_path: str
     nets = {name: build(name, plan) for name in names}
     results = {name: {"params": sum(p.numel() for p in net.parameters())} for name, net in nets.items()}
     for name, net in nets.items():
-        if flops:
-            set_deep_supervision(net, False)
-            results[name]["flops_counted"] = count_flops(net, x)
-            results[name]["flops_scan"] = scan_flops(net, patch, batch) if name.startswith("HyMUNet") else 0
+        if flops:  # the scan through its registered FLOP formula (nnunetv2_hymunet.ssm.selective_scan), as in profile
+            counted = count_flops(net, tuple(x.shape))
+            results[name]["flops_counted"], results[name]["flops_scan"] = counted["counted"], counted["scan_analytic"]
         forward_pass(net, x)  # warm-up (scan kernel build / compilation, oneDNN primitives)
         if not forward_only:
             net.train()
@@ -228,11 +191,8 @@ def run(plan: str, patch, batch: int, repeats: int, threads: int, json_path: str
     print_table(results, forward_only, flops)
     print(f"\nload average at the end {os.getloadavg()}")
     if json_path:
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"plan": plan, "patch": list(patch), "batch": batch, "threads": threads, "backend": backend,
-                       "results": results}, f, indent=1)
-        os.replace(tmp, json_path)
+        atomic_write_text(json_path, json.dumps({"plan": plan, "patch": list(patch), "batch": batch, "threads": threads,
+                                                 "backend": backend, "results": results}, indent=1))
     return results
 
 
@@ -268,8 +228,7 @@ def side_by_side(repeats: int, threads: int, json_path: str = None) -> None:
         everything[plan] = run(plan, patch, batch, repeats, threads, models=models, forward_only=forward_only,
                                flops=False)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(everything, f, indent=1)
+        atomic_write_text(json_path, json.dumps(everything, indent=1))
 
 
 def main(argv=None) -> int:
