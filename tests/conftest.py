@@ -6,6 +6,7 @@ Everything here is generic (no HyMUNet specifics) so that any test module can us
 - `run_cli(command, env, timeout)`: run a console command, fail the test with its output tail when it fails.
 - `write_tiny_2d_dataset` / `write_tiny_3d_dataset`: small generated nnU-Net raw datasets.
 - `tiny_plans(...)`: an in-memory nnU-Net plans dict (PlainConvUNet architecture) for unit tests.
+- `fake_preprocessed_dataset(root, monkeypatch, name)`: nnU-Net folders with one fake preprocessed dataset.
 """
 
 import os
@@ -54,6 +55,27 @@ def run_cli(command: list, env: dict, timeout: float = 600) -> str:
         print(f"[{seconds:6.1f} s] {' '.join(os.path.basename(str(c)) for c in command[:2])} ...")
         with open(log) as f:
             return f.read()
+
+
+def fake_preprocessed_dataset(root, monkeypatch, dataset: str):
+    """nnUNet_raw / _preprocessed / _results under `root` (a pathlib.Path), set in the environment, holding one
+    "preprocessed" 2d dataset (plans, one data file, gt_segmentations) that nnU-Net never reads: for the benchmark
+    runner's bookkeeping. Returns root."""
+    import json
+
+    raw, pre, res = (root / n for n in ("raw", "pre", "res"))
+    folder = pre / dataset
+    (folder / "nnUNetPlans_2d").mkdir(parents=True)
+    (folder / "nnUNetPlans_2d" / "case_000.b2nd").write_bytes(b"x")
+    (folder / "gt_segmentations").mkdir()
+    (folder / "nnUNetPlans.json").write_text(json.dumps(
+        {"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
+    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".png", "labels": {"background": 0, "x": 1}}))
+    raw.mkdir()
+    res.mkdir()
+    for name, path in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre), ("nnUNet_results", res)):
+        monkeypatch.setenv(name, str(path))
+    return root
 
 
 def write_tiny_2d_dataset(raw_root: str, dataset_id: int, num_train: int = 10, num_test: int = 2, size: int = 32,

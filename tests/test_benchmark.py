@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import fake_preprocessed_dataset
 
 from nnunetv2_hymunet.benchmark import runner
 from nnunetv2_hymunet.benchmark.report import build_report, dataset_section
@@ -19,19 +20,7 @@ DATASET = "Dataset961_Fake"
 @pytest.fixture
 def nnunet_folders(tmp_path, monkeypatch):
     """A preprocessed dataset (plans + data folder + gt) and an empty results folder."""
-    raw, pre, res = (tmp_path / n for n in ("raw", "pre", "res"))
-    folder = pre / DATASET
-    (folder / "nnUNetPlans_2d").mkdir(parents=True)
-    (folder / "nnUNetPlans_2d" / "case_000.b2nd").write_bytes(b"x")
-    (folder / "gt_segmentations").mkdir()
-    (folder / "nnUNetPlans.json").write_text(json.dumps(
-        {"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
-    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".png", "labels": {"background": 0, "x": 1}}))
-    raw.mkdir()
-    res.mkdir()
-    for name, path in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre), ("nnUNet_results", res)):
-        monkeypatch.setenv(name, str(path))
-    return tmp_path
+    return fake_preprocessed_dataset(tmp_path, monkeypatch, DATASET)
 
 
 def _fold(res, trainer, fold, *files):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import fake_preprocessed_dataset
 from scipy.stats import wilcoxon
 
 from nnunetv2_hymunet.benchmark import runner
@@ -25,18 +26,7 @@ DATASET = "Dataset962_Seeds"
 
 @pytest.fixture
 def nnunet_folders(tmp_path, monkeypatch):
-    raw, pre, res = (tmp_path / n for n in ("raw", "pre", "res"))
-    folder = pre / DATASET
-    (folder / "nnUNetPlans_2d").mkdir(parents=True)
-    (folder / "nnUNetPlans_2d" / "case_000.b2nd").write_bytes(b"x")
-    (folder / "gt_segmentations").mkdir()
-    (folder / "nnUNetPlans.json").write_text(json.dumps(
-        {"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
-    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".png", "labels": {"background": 0, "x": 1}}))
-    raw.mkdir()
-    res.mkdir()
-    for name, path in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre), ("nnUNet_results", res)):
-        monkeypatch.setenv(name, str(path))
+    fake_preprocessed_dataset(tmp_path, monkeypatch, DATASET)
     for variable in ("HYMUNET_BENCH_EPOCHS", "HYMUNET_BENCH_ITERATIONS", "HYMUNET_BENCH_VAL_ITERATIONS"):
         monkeypatch.delenv(variable, raising=False)
     return tmp_path
