@@ -36,22 +36,7 @@ def _trainer(trainer_class, tmp_path, monkeypatch, name="run", plans=None):
 
 def _batches(trainer, n: int, seed: int = 0, size: int = 32):
     """Images with one bright square whose label is the square, targets at every deep-supervision scale."""
-    rng = np.random.default_rng(seed)
-    scales = trainer._get_deep_supervision_scales()
-    batches = []
-    for _ in range(n):
-        data = rng.normal(0, 0.3, (2, 1, size, size)).astype(np.float32)
-        seg = np.zeros((2, 1, size, size), dtype=np.float32)
-        for b in range(2):
-            y, x = rng.integers(2, size - 12, 2)
-            side = rng.integers(6, 11)
-            data[b, 0, y:y + side, x:x + side] += 1.5
-            seg[b, 0, y:y + side, x:x + side] = 1
-        seg_t = torch.from_numpy(seg)
-        targets = [torch.nn.functional.interpolate(seg_t, scale_factor=tuple(float(s) for s in scale), mode="nearest")
-                   if any(s != 1 for s in scale) else seg_t for scale in scales]
-        batches.append({"data": torch.from_numpy(data), "target": targets})
-    return batches
+    return learning_check.square_batches(trainer, n, seed, size)
 
 
 # --- optimizer ---
@@ -261,3 +246,20 @@ def test_grad_scaler_unscales_and_skips_inf_steps_with_the_hybrid_optimizer():
     scaler.update()
     for a, b in zip(scaled_params, before):
         assert torch.equal(a.detach(), b)
+
+
+# --- start-up memory check ---
+
+
+def test_start_up_says_when_hymunet_will_not_fit_where_nnunet_planned_and_names_the_fix(tmp_path, monkeypatch):
+    trainer = _trainer(nnUNetTrainerHyMUNet, tmp_path, monkeypatch)
+    ratio = trainer.activation_memory_ratio()
+    assert 0.8 < ratio < 2.0  # HyMUNet's estimate over PlainConvUNet's at the same patch (the Mamba stage adds some)
+    trainer.memory_headroom = 1.01 * ratio  # plans with room for it: no warning
+    assert trainer.check_activation_memory() == pytest.approx(ratio)
+    assert "WARNING" not in open(trainer.log_file).read()
+    trainer.memory_headroom = 0.5 * ratio  # as if the plans left no room
+    trainer.check_activation_memory()
+    log = open(trainer.log_file).read()
+    assert "WARNING: HyMUNet keeps" in log and "hymunet plan -d Dataset900_Unit -c 2d" in log
+    assert "-p nnUNetHyMUNetPlans" in log

@@ -84,6 +84,51 @@ class nnUNetTrainerHyMUNet(nnUNetTrainer):
         self.param_group_diagnostics.attach(optimizer)
         return optimizer, lr_scheduler
 
+    # nnU-Net's planner fills the GPU up to its budget, so little headroom is left on plans sized for its own network
+    memory_headroom = 1.05
+
+    def activation_memory_ratio(self) -> float:
+        """HyMUNet's activation-memory estimate over that of the network the plans describe (same patch and batch).
+
+        1.0 for plans that already describe HyMUNet (`hymunet plan` sized them for it)."""
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        from nnunetv2_hymunet.planning.architecture import is_hymunet
+
+        cm = self.configuration_manager
+        if is_hymunet(cm.network_arch_class_name):
+            return 1.0
+        planned = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                         cm.network_arch_init_kwargs_req_import, self.num_input_channels,
+                                         self.label_manager.num_segmentation_heads, allow_init=False,
+                                         deep_supervision=True)
+        network = self.network.module if self.is_ddp else self.network
+        network = getattr(network, "_orig_mod", network)
+        patch = cm.patch_size
+        return float(network.compute_conv_feature_map_size(patch)) / float(planned.compute_conv_feature_map_size(patch))
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self.check_activation_memory()
+        super().on_train_start()
+
+    def check_activation_memory(self) -> float:
+        """Warn at start-up when HyMUNet will not fit where nnU-Net planned its own network; returns the ratio."""
+        ratio = self.activation_memory_ratio()
+        planned_network = self.configuration_manager.network_arch_class_name.rsplit(".", 1)[-1]
+        if ratio > self.memory_headroom:
+            self.print_to_log_file(
+                f"WARNING: HyMUNet keeps {ratio:.2f}x the activations of the {planned_network} these plans were "
+                f"sized for (patch {self.configuration_manager.patch_size}, batch {self.batch_size}); it may not fit "
+                "in the GPU memory nnU-Net planned for. Fix: `hymunet plan -d "
+                f"{self.plans_manager.dataset_name} -c {self.configuration_name}` sizes patch and batch for HyMUNet; "
+                "then train with `-p nnUNetHyMUNetPlans`.", also_print_to_console=True)
+        else:
+            self.print_to_log_file(f"HyMUNet activation memory: {ratio:.2f}x the estimate of the network these plans "
+                                   "were sized for")
+        return ratio
+
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         if len(self.optimizer.param_groups) > 1:
