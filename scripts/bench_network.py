@@ -76,7 +76,7 @@ def plan_arch(plan: str):
 def build(name: str, plan: str = "isic-like-2d", deep_supervision: bool = True):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-    from nnunetv2_hymunet.network import HyMUNet
+    from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs
 
     kwargs, input_channels, num_classes, _, _ = plan_arch(plan)
     common = dict(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision)
@@ -88,7 +88,7 @@ def build(name: str, plan: str = "isic-like-2d", deep_supervision: bool = True):
         kwargs.update(n_blocks_per_stage=list(RESENC_M_BLOCKS[:n]), n_conv_per_stage_decoder=[1] * (n - 1))
         net = ResidualEncoderUNet(**common, **kwargs)
     else:
-        net = HyMUNet(**common, **kwargs, **MODELS[name])
+        net = hymunet_from_unet_kwargs(**common, **kwargs, **MODELS[name])
     net.apply(net.initialize)
     return net
 

@@ -46,10 +46,13 @@ def plan_arch(plan: str):
 def build(name: str, knobs: dict, kwargs, channels, classes):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from nnunetv2_hymunet.network import HyMUNet
+    from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs
 
     common = dict(input_channels=channels, num_classes=classes, deep_supervision=True)
-    net = PlainConvUNet(**common, **kwargs) if name == "PlainConvUNet" else HyMUNet(**common, **kwargs, **knobs)
+    if name == "PlainConvUNet":
+        net = PlainConvUNet(**common, **kwargs)
+    else:
+        net = hymunet_from_unet_kwargs(**common, **kwargs, **knobs)
     net.apply(net.initialize)
     return net
 

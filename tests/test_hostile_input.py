@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import tiny_dataset_json, tiny_plans
 from PIL import Image
+from planner_inputs import write_planner_inputs
 
 from nnunetv2_hymunet.cli import main
 from nnunetv2_hymunet.conversion import fake_releases
@@ -766,6 +767,7 @@ def preprocessed(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     (folder / "nnUNetPlans.json").write_text(json.dumps(tiny_plans(patch_size=[64, 64], batch_size=12)))
     (folder / "dataset.json").write_text(json.dumps(tiny_dataset_json()))
+    write_planner_inputs(tmp_path / "raw", folder, tiny_plans(patch_size=[64, 64]), tiny_dataset_json())
     monkeypatch.setenv("nnUNet_preprocessed", str(root))
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
@@ -783,7 +785,7 @@ def test_plan_name_cannot_leave_the_preprocessed_folder(preprocessed, tmp_path, 
 def test_plan_bad_gpu_memory(preprocessed, capsys, value):
     """0 used to plan silently for 8 GB; nan gave a traceback."""
     refused(["plan", "-d", "Dataset900_Unit", "--gpu-memory-gb", value], capsys, "--gpu-memory-gb")
-    assert sorted(os.listdir(preprocessed)) == ["dataset.json", "nnUNetPlans.json"]
+    assert sorted(os.listdir(preprocessed)) == ["dataset.json", "dataset_fingerprint.json", "nnUNetPlans.json"]
 
 
 def test_plan_never_replaces_plans_it_did_not_write(preprocessed, capsys):

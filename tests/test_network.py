@@ -11,6 +11,8 @@ from torch import nn
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.network import HyMUNet
 from nnunetv2_hymunet.network.mamba_layer import MambaLayer, from_sequence, scan_directions, to_sequence
+from nnunetv2_hymunet.planning.architecture import hymunet_arch_kwargs, upgrade_plans
+from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs as hymunet
 
 ISIC_LIKE_FEATURES = (32, 64, 128, 256, 512, 512, 512, 512)  # what nnU-Net 2.8 plans for 1000x700 RGB (8 stages)
 
@@ -33,7 +35,7 @@ TINY_2D = (4, 8, 8, 8, 8, 8)
 
 
 def tiny_2d(**kw):
-    return HyMUNet(input_channels=3, num_classes=2, **plans_kwargs(2, TINY_2D, STRIDES_2D), **kw)
+    return hymunet(input_channels=3, num_classes=2, **plans_kwargs(2, TINY_2D, STRIDES_2D), **kw)
 
 
 def expected_ds_shapes(batch, classes, spatial, strides):
@@ -66,7 +68,7 @@ def test_2d_plan_shapes():
 
 def test_2d_default_features_forward():
     kwargs = plans_kwargs(2, (32, 64, 128, 256, 512, 512), STRIDES_2D)
-    net = HyMUNet(input_channels=3, num_classes=2, deep_supervision=False, **kwargs)
+    net = hymunet(input_channels=3, num_classes=2, deep_supervision=False, **kwargs)
     net.apply(net.initialize)
     with torch.no_grad():
         out = net(torch.randn(1, 3, 256, 256))
@@ -75,13 +77,13 @@ def test_2d_default_features_forward():
 
 def test_isic_like_plan_parameters_not_above_plain_conv_unet():
     kwargs = plans_kwargs(2, ISIC_LIKE_FEATURES, [[1, 1]] + [[2, 2]] * 7)
-    n_hym = sum(p.numel() for p in HyMUNet(input_channels=3, num_classes=2, **kwargs).parameters())
+    n_hym = sum(p.numel() for p in hymunet(input_channels=3, num_classes=2, **kwargs).parameters())
     n_plain = sum(p.numel() for p in PlainConvUNet(input_channels=3, num_classes=2, **kwargs).parameters())
     assert n_hym <= n_plain
 
 
 def test_3d_anisotropic_plan_shapes():
-    net = HyMUNet(input_channels=1, num_classes=3, deep_supervision=True, n_mamba_stages=2, scan="cross",
+    net = hymunet(input_channels=1, num_classes=3, deep_supervision=True, n_mamba_stages=2, scan="cross",
                   **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_ANISO))
     with torch.no_grad():
         out = net(torch.randn(1, 1, 28, 256, 256))
@@ -89,7 +91,7 @@ def test_3d_anisotropic_plan_shapes():
 
 
 def test_3d_brats_like_strides_on_smaller_input():
-    net = HyMUNet(input_channels=4, num_classes=4, deep_supervision=True,
+    net = hymunet(input_channels=4, num_classes=4, deep_supervision=True,
                   **plans_kwargs(3, (2, 4, 8, 8, 8, 8), STRIDES_3D_BRATS))
     out = net(torch.randn(1, 4, 64, 64, 64))
     assert [tuple(o.shape) for o in out] == expected_ds_shapes(1, 4, (64, 64, 64), STRIDES_3D_BRATS)
@@ -133,22 +135,40 @@ def test_n_mamba_stages_validated(bad):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"scan": "diagonal"}, "scan="), ({"fusion": "add"}, "fusion="), ({"n_blocks_per_stage": 1}, "exactly one"),
+    ({"scan": "diagonal"}, "scan="), ({"fusion": "add"}, "fusion="), ({"n_blocks_per_stage": 1}, "both"),
 ])
 def test_bad_knobs_raise(kwargs, match):
     with pytest.raises(HyMUNetError, match=match):
         tiny_2d(**kwargs)
 
 
+def test_the_layout_is_explicit():
+    """HyMUNet builds what its arguments say; a U-Net plan's n_conv_per_stage is for the one translation."""
+    plan = plans_kwargs(2, TINY_2D, STRIDES_2D)
+    with pytest.raises(HyMUNetError, match="n_conv_per_stage .*hymunet_arch_kwargs"):
+        HyMUNet(input_channels=3, num_classes=2, **plan)
+    explicit = hymunet_arch_kwargs("PlainConvUNet", plan)
+    for key, value in (("n_blocks_per_stage", None), ("n_blocks_per_stage", [1, 0, 1, 1, 1, 1]),
+                       ("n_conv_per_stage_decoder", [2] * 4), ("mamba_stages", [6])):
+        with pytest.raises(HyMUNetError, match=key):
+            HyMUNet(input_channels=3, num_classes=2, **dict(explicit, **{key: value}))
+    custom = dict(explicit, n_blocks_per_stage=[2, 1, 3, 1, 2, 1], n_conv_per_stage_decoder=[3, 1, 2, 1, 1],
+                  mamba_stages=[0, 4])
+    net = HyMUNet(input_channels=3, num_classes=2, **custom)
+    assert [len(stage.blocks.blocks) for stage in net.encoder.stages] == [2, 1, 3, 1, 2, 1]
+    assert [len(stage.convs) for stage in net.decoder.stages] == [3, 1, 2, 1, 1]
+    assert [i for i, stage in enumerate(net.encoder.stages) if len(stage.mamba_layers)] == [0, 4]
+
+
 def test_bad_plan_lengths_raise():
     kwargs = plans_kwargs(2, TINY_2D, STRIDES_2D)
     kwargs["strides"] = kwargs["strides"][:-1]
     with pytest.raises(HyMUNetError, match="strides has 5 entries"):
-        HyMUNet(input_channels=3, num_classes=2, **kwargs)
+        hymunet(input_channels=3, num_classes=2, **kwargs)
     kwargs = plans_kwargs(2, TINY_2D, STRIDES_2D)
     kwargs["kernel_sizes"] = [[3, 3, 3]] * 6
     with pytest.raises(HyMUNetError, match="does not match the 2D conv_op"):
-        HyMUNet(input_channels=3, num_classes=2, **kwargs)
+        hymunet(input_channels=3, num_classes=2, **kwargs)
 
 
 @pytest.mark.parametrize("scan", ["flat", "bidir", "cross"])
@@ -165,7 +185,7 @@ def test_every_scan_and_fusion_2d(scan, fusion):
 
 @pytest.mark.parametrize("scan, n_directions", [("flat", 1), ("bidir", 2), ("cross", 6)])
 def test_every_scan_3d(scan, n_directions):
-    net = HyMUNet(input_channels=1, num_classes=2, scan=scan, deep_supervision=False,
+    net = hymunet(input_channels=1, num_classes=2, scan=scan, deep_supervision=False,
                   **plans_kwargs(3, (2, 4, 4, 4), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]))
     layer = net.encoder.stages[-1].mamba_layers[0]
     assert len(layer.directions) == n_directions
@@ -238,7 +258,7 @@ def test_state_dict_loads_across_scan_backends(monkeypatch):
     kwargs = plans_kwargs(2, (4, 8, 8, 8), [[1, 1], [2, 2], [2, 2], [2, 2]])
     x = torch.randn(1, 3, 32, 32)
     monkeypatch.setenv("HYMUNET_SCAN_BACKEND", "reference")
-    saved = HyMUNet(input_channels=3, num_classes=2, n_mamba_stages=3, **kwargs)
+    saved = hymunet(input_channels=3, num_classes=2, n_mamba_stages=3, **kwargs)
     saved.eval()
     with torch.no_grad():
         reference = saved(x)
@@ -246,7 +266,7 @@ def test_state_dict_loads_across_scan_backends(monkeypatch):
     backends = ["torch"] + (["numba"] if numba_available() else [])
     for backend in backends:
         monkeypatch.setenv("HYMUNET_SCAN_BACKEND", backend)
-        loaded = HyMUNet(input_channels=3, num_classes=2, n_mamba_stages=3, **kwargs)
+        loaded = hymunet(input_channels=3, num_classes=2, n_mamba_stages=3, **kwargs)
         loaded.load_state_dict(state)
         loaded.eval()
         with torch.no_grad():
@@ -265,7 +285,8 @@ def test_get_network_from_plans_plain_and_resenc_style():
         "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
         "nonlin_kwargs": {"inplace": True}, "scan": "bidir", "fusion": "mgf", "n_mamba_stages": 1}
     req_import = ["conv_op", "norm_op", "dropout_op", "nonlin"]
-    net = get_network_from_plans("nnunetv2_hymunet.network.HyMUNet", copy.deepcopy(arch_kwargs), req_import, 3, 2,
+    net = get_network_from_plans("nnunetv2_hymunet.network.HyMUNet",
+                                 hymunet_arch_kwargs("HyMUNet", copy.deepcopy(arch_kwargs)), req_import, 3, 2,
                                  allow_init=True, deep_supervision=True)
     assert isinstance(net, HyMUNet) and net.decoder.deep_supervision and net.scan == "bidir"
     assert net.encoder.conv_op is nn.Conv2d and net.encoder.norm_op is nn.InstanceNorm2d
@@ -273,8 +294,8 @@ def test_get_network_from_plans_plain_and_resenc_style():
 
     resenc = {k: v for k, v in arch_kwargs.items() if k != "n_conv_per_stage"}
     resenc.update(n_blocks_per_stage=[1, 3, 4, 6], n_conv_per_stage_decoder=[1, 1, 1])
-    net = get_network_from_plans("nnunetv2_hymunet.network.HyMUNet", resenc, req_import, 3, 2,
-                                 allow_init=True, deep_supervision=False)
+    net = get_network_from_plans("nnunetv2_hymunet.network.HyMUNet", hymunet_arch_kwargs("ResidualEncoderUNet", resenc),
+                                 req_import, 3, 2, allow_init=True, deep_supervision=False)
     assert [len(stage.blocks.blocks) for stage in net.encoder.stages] == [1, 3, 1, 1]  # deepest half: one block
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
@@ -306,6 +327,12 @@ def test_stock_trainer_builds_it_from_a_plans_file():
                     "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
                     "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
                 "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
+    # a plans file of hymunet 0.1.0 (n_conv_per_stage: the layout left to the network) is refused by the network,
+    # and upgrade_plans writes out the same network's explicit layout
+    with pytest.raises(HyMUNetError, match="upgrade_plans"):
+        nnUNetTrainer.build_network_architecture(PlansManager(plans), PlansManager(plans).get_configuration("2d"), 1,
+                                                 2, True)
+    assert upgrade_plans(plans) == ["2d"]
     plans_manager = PlansManager(plans)
     net = nnUNetTrainer.build_network_architecture(plans_manager, plans_manager.get_configuration("2d"), 1, 2, True)
     assert isinstance(net, HyMUNet)
@@ -333,13 +360,13 @@ def test_bf16_autocast_forward_backward():
 def test_compute_conv_feature_map_size():
     kwargs = plans_kwargs(2, (32, 64, 128, 256, 512, 512), STRIDES_2D)
     plain = PlainConvUNet(input_channels=3, num_classes=2, **kwargs).compute_conv_feature_map_size((256, 256))
-    sizes = [HyMUNet(input_channels=3, num_classes=2, n_mamba_stages=k, **kwargs).compute_conv_feature_map_size(
+    sizes = [hymunet(input_channels=3, num_classes=2, n_mamba_stages=k, **kwargs).compute_conv_feature_map_size(
         (256, 256)) for k in (0, 3, 6)]
     assert sizes[0] < sizes[1] < sizes[2]
     # the same conv maps (the residual projections and the MGF gates recompute instead of keeping theirs), and one
     # decoder conv fewer at the hybrid levels (tests/test_network_memory.py checks the estimate against measurement)
     assert 0.9 * plain < sizes[0] < 1.1 * plain
-    net3d = HyMUNet(input_channels=1, num_classes=2, **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_ANISO))
+    net3d = hymunet(input_channels=1, num_classes=2, **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_ANISO))
     assert net3d.compute_conv_feature_map_size((28, 256, 256)) > 0
     with pytest.raises(HyMUNetError, match="spatial size only"):
         net3d.compute_conv_feature_map_size((1, 28, 256, 256))

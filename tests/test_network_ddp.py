@@ -18,7 +18,7 @@ def _free_port() -> int:
 def _train_step(rank: int, world_size: int, port: int, result_dir: str) -> None:
     import os
 
-    from nnunetv2_hymunet.network import HyMUNet
+    from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -26,11 +26,12 @@ def _train_step(rank: int, world_size: int, port: int, result_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's)
-        net = HyMUNet(input_channels=2, n_stages=4, features_per_stage=[4, 8, 8, 8], conv_op=nn.Conv2d,
-                      kernel_sizes=[[3, 3]] * 4, strides=[[1, 1], [2, 2], [2, 2], [2, 2]], n_conv_per_stage=[2] * 4,
-                      num_classes=3, n_conv_per_stage_decoder=[2] * 3, conv_bias=True, norm_op=nn.InstanceNorm2d,
-                      norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                      nonlin_kwargs={"inplace": True}, deep_supervision=True, n_mamba_stages=2, scan="cross")
+        net = hymunet_from_unet_kwargs(
+            input_channels=2, n_stages=4, features_per_stage=[4, 8, 8, 8], conv_op=nn.Conv2d,
+            kernel_sizes=[[3, 3]] * 4, strides=[[1, 1], [2, 2], [2, 2], [2, 2]], n_conv_per_stage=[2] * 4,
+            num_classes=3, n_conv_per_stage_decoder=[2] * 3, conv_bias=True, norm_op=nn.InstanceNorm2d,
+            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+            deep_supervision=True, n_mamba_stages=2, scan="cross")
         net.apply(net.initialize)
         ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.99, nesterov=True)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_hymunet.network import HyMUNet
 from nnunetv2_hymunet.network.hybrid_encoder import RecomputedSkip
 from nnunetv2_hymunet.network.mamba_layer import MambaLayer
 from nnunetv2_hymunet.network.mgf_skip import MambaGuidedFusion
+from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs as hymunet
 from tests.test_network import plans_kwargs
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -119,7 +119,7 @@ def test_whole_network_matches_previous_implementation(monkeypatch):
     """Every Mamba layer, MGF gate and recomputed residual projection of a small 2D HyMUNet swapped back to the
     previous code: same outputs and gradients for every parameter (deep supervision on, as in training)."""
     torch.manual_seed(0)
-    net = HyMUNet(input_channels=2, num_classes=3, deep_supervision=True, n_mamba_stages=3,
+    net = hymunet(input_channels=2, num_classes=3, deep_supervision=True, n_mamba_stages=3,
                   **plans_kwargs(2, (4, 8, 8, 8), [[1, 1], [2, 2], [2, 2], [2, 2]])).double()
     net.apply(net.initialize)
     _randomise(net)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from nnunetv2_hymunet.errors import HyMUNetError
-from nnunetv2_hymunet.network import HyMUNet
 from nnunetv2_hymunet.network.mamba_layer import MambaLayer
 from nnunetv2_hymunet.network.mgf_skip import ChannelLayerNorm, MambaGuidedFusion
+from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs as hymunet
 from nnunetv2_hymunet.ssm import Mamba
 from tests.test_network import STRIDES_3D_BRATS, plans_kwargs, tiny_2d
 
@@ -16,7 +16,7 @@ EXPLICIT_DEFAULTS = dict(direction_merge="mean", gate_norm="instance", layer_sca
 
 
 def tiny_3d(**kw):
-    return HyMUNet(input_channels=2, num_classes=3, **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_BRATS), **kw)
+    return hymunet(input_channels=2, num_classes=3, **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_BRATS), **kw)
 
 
 def assert_every_parameter_gets_gradient(net, x):

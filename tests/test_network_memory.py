@@ -5,8 +5,8 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunetv2_hymunet.network import HyMUNet
 from nnunetv2_hymunet.network.memory import saved_for_backward_bytes
+from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs as hymunet
 from tests.test_network import ISIC_LIKE_FEATURES, STRIDES_3D_BRATS, plans_kwargs
 
 ISIC_2D = dict(kwargs=plans_kwargs(2, ISIC_LIKE_FEATURES, [[1, 1]] + [[2, 2]] * 7), channels=3, classes=2,
@@ -23,7 +23,7 @@ def _build(plan, knobs=None):
     torch.manual_seed(0)
     if knobs is None:
         return PlainConvUNet(**common, **plan["kwargs"])
-    return HyMUNet(**common, **plan["kwargs"], **knobs)
+    return hymunet(**common, **plan["kwargs"], **knobs)
 
 
 def _cuda_activation_bytes(net, x) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_dataset_json, tiny_plans
+from planner_inputs import write_planner_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -94,6 +95,7 @@ def test_plan_with_a_bundled_preset(installed):
     plans = tiny_plans(patch_size=[64, 64], n_stages=4, features=(16, 32, 64, 128), batch_size=12)
     (dataset / "nnUNetPlans.json").write_text(json.dumps(plans))
     (dataset / "dataset.json").write_text(json.dumps(tiny_dataset_json()))
+    write_planner_inputs(installed["root"] / "raw", dataset, plans, tiny_dataset_json())
     env = dict(installed["env"], nnUNet_preprocessed=str(preprocessed), nnUNet_raw=str(installed["root"] / "raw"),
                nnUNet_results=str(installed["root"] / "results"))
     hymunet = installed["venv"] / "bin" / "hymunet"

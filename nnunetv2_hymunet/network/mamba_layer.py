@@ -1,6 +1,5 @@
 """Token mixing over a feature map with Mamba: `x + Mamba(LayerNorm(x))` along one or more scan orders."""
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -10,10 +9,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_hymunet.errors import HyMUNetError
+from nnunetv2_hymunet.network.knobs import DIRECTION_MERGES, SCAN_ORDERS, HybridKnobs  # noqa: F401 (re-exported)
 from nnunetv2_hymunet.ssm import Mamba, selective_scan_fn
-
-SCAN_ORDERS = ("flat", "bidir", "cross")
-DIRECTION_MERGES = ("mean", "sum", "separate")
 
 
 def scan_directions(scan: str, n_spatial_dims: int) -> List[Tuple[Tuple[int, ...], bool]]:
@@ -35,20 +32,6 @@ def scan_directions(scan: str, n_spatial_dims: int) -> List[Tuple[Tuple[int, ...
         perm = tuple(a for a in raster if a != fastest) + (fastest,)
         directions += [(perm, False), (perm, True)]
     return directions
-
-
-def check_mamba_layer_knobs(direction_merge: str, dt_min: float, dt_max: float, layer_scale: Optional[float]) -> None:
-    if direction_merge not in DIRECTION_MERGES:
-        raise HyMUNetError(f"direction_merge={direction_merge!r} is not one of {', '.join(DIRECTION_MERGES)}")
-    if not all(_is_real(v) for v in (dt_min, dt_max)) or not 0 < dt_min <= dt_max:
-        raise HyMUNetError(f"dt_min and dt_max must be numbers with 0 < dt_min <= dt_max, got {dt_min!r}, {dt_max!r}")
-    if layer_scale is not None and (not _is_real(layer_scale) or not 0 <= layer_scale < math.inf):
-        raise HyMUNetError(f"layer_scale must be None or a finite number >= 0, got {layer_scale!r}")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(value)
 
 
 def effective_expand(channels: int, expand: float, max_inner_channels: int) -> float:
@@ -113,7 +96,8 @@ class MambaLayer(nn.Module):
                  expand: float = 2, direction_merge: str = "mean", dt_min: float = 0.001, dt_max: float = 0.1,
                  layer_scale: Optional[float] = None):
         super().__init__()
-        check_mamba_layer_knobs(direction_merge, dt_min, dt_max, layer_scale)
+        HybridKnobs(scan=scan, d_state=d_state, d_conv=d_conv, direction_merge=direction_merge, dt_min=dt_min,
+                    dt_max=dt_max, layer_scale=layer_scale)  # the knobs' one set of checks
         self.channels = channels
         self.scan = scan
         self.direction_merge = direction_merge

@@ -9,9 +9,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.conv import _ConvNd
 
 from nnunetv2_hymunet.errors import HyMUNetError
-
-FUSIONS = ("mgf", "concat")
-GATE_NORMS = ("instance", "none", "channel")
+from nnunetv2_hymunet.network.knobs import FUSIONS, GATE_NORMS
 
 
 class ChannelLayerNorm(nn.LayerNorm):

@@ -34,8 +34,10 @@ def add_subparsers(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="write nnUNetHyMUNetPlans.json (HyMUNet in nnU-Net plans, reusing the preprocessed data)",
         description="Derive HyMUNet plans from nnU-Net's plans of a dataset (run nnUNetv2_plan_and_preprocess "
-        "first). The result names nnunetv2_hymunet.network.HyMUNet as the network, keeps nnU-Net's topology and data "
-        "identifiers, and fits batch (then patch) size to a GPU memory target counting the Mamba stages.")
+        "first) with nnUNetPlannerHyMUNet: nnU-Net's planning loop at each configuration's spacing, sized with "
+        "HyMUNet's own memory estimate (batch first, then patch). The result names nnunetv2_hymunet.network.HyMUNet "
+        "with its explicit arch_kwargs (blocks per stage, decoder convs, Mamba stages, every knob) and keeps the "
+        "data identifiers, so the preprocessed data is reused.")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 501 or Dataset501_ISIC2018")
     p.add_argument("-c", "--configuration", dest="configurations", nargs="+", default=None,
                    help="configurations to convert (default: every configuration of the source plans; "

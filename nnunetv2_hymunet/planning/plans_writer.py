@@ -1,11 +1,14 @@
-"""`hymunet plan`: write nnUNetHyMUNetPlans.json next to nnU-Net's own plans.
+"""`hymunet plan`: write nnUNetHyMUNetPlans.json next to nnU-Net's own plans, with nnUNetPlannerHyMUNet.
 
-The new plans are a copy of the source plans (nnUNetPlans by default) in which each chosen configuration's
-architecture names `nnunetv2_hymunet.network.HyMUNet` (same stages, kernels and strides, plus the hybrid knobs), with
-batch and patch size re-fitted to a GPU memory target. Data identifiers are unchanged, so the preprocessed data of
-the source plans is reused as it is, and the stock trainer can train HyMUNet:
+The new plans are a copy of the source plans (nnUNetPlans by default) in which each chosen configuration is
+re-planned by nnUNetPlannerHyMUNet (planning/planner.py): nnU-Net's planning loop at the configuration's spacing and
+median shape, sized with HyMUNet's memory estimate, writing HyMUNet's explicit arch_kwargs. Spacing, data identifiers
+and preprocessing entries are the source's, so its preprocessed data is reused as it is, and the stock trainer can
+train HyMUNet:
 
     nnUNetv2_train 501 2d 0 -p nnUNetHyMUNetPlans
+
+Like nnU-Net's planners, it reads the dataset's raw dataset.json and its dataset_fingerprint.json.
 """
 
 import json
@@ -14,13 +17,15 @@ import os
 import re
 from copy import deepcopy
 
+import numpy as np
+
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.fs_safety import atomic_write_text
-from nnunetv2_hymunet.planning.architecture import HYBRID_KNOBS, hymunet_architecture_entry
+from nnunetv2_hymunet.network.knobs import STAGE_KNOBS
 from nnunetv2_hymunet.planning.presets import load_preset
-from nnunetv2_hymunet.planning.sizing import check_patch, fit_batch_and_patch, max_batch_size
 
-DEFAULT_PLANS_NAME = "nnUNetHyMUNetPlans"
+DEFAULT_PLANS_NAME = "nnUNetHyMUNetPlans"  # = planner.DEFAULT_PLANS_NAME (not imported: it pulls in nnU-Net)
+_WRITERS = ("hymunet plan", "nnUNetPlannerHyMUNet")  # plans files this command may replace
 DEFAULT_SOURCE_PLANS = "nnUNetPlans"
 DEFAULT_GPU_MEMORY_GB = 8.0
 _PLANS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -72,67 +77,76 @@ def _check_replaceable_plans(path: str) -> None:
             planner = str(json.load(f).get("experiment_planner_used", ""))
     except (OSError, ValueError, AttributeError):
         planner = ""
-    if not planner.startswith("hymunet plan"):
+    if not planner.startswith(_WRITERS):
         raise HyMUNetError(f"--plans-name: {path} exists and was not written by hymunet plan; choose another name")
 
 
-def feature_map_elements(architecture: dict, patch_size, num_input_channels: int, num_output_channels: int) -> float:
-    """nnU-Net's memory yardstick for one sample: the network's compute_conv_feature_map_size at `patch_size`."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+def _merge_knobs(base: dict, override: dict) -> dict:
+    """A configuration's preset knobs over the preset's: naming the Mamba stages either way replaces both."""
+    merged = dict(base)
+    if any(k in override for k in STAGE_KNOBS):
+        for k in STAGE_KNOBS:
+            merged.pop(k, None)
+    merged.update(override)
+    return merged
 
-    net = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                 architecture["_kw_requires_import"], num_input_channels, num_output_channels,
-                                 allow_init=False, deep_supervision=True)
-    return float(net.compute_conv_feature_map_size(tuple(patch_size)))
+
+def _approximate_n_voxels(source: dict, name: str, num_training: int) -> float:
+    """The dataset's voxels at the configuration's spacing, as nnU-Net's plan_experiment counts them (for 2d: the
+    3d_fullres median shape, whose slices the 2d configuration sees)."""
+    configurations = source["configurations"]
+    shape = configurations[name]["median_image_size_in_voxels"]
+    if len(shape) == 2 and "median_image_size_in_voxels" in configurations.get("3d_fullres", {}):
+        shape = configurations["3d_fullres"]["median_image_size_in_voxels"]
+    return float(np.prod(shape, dtype=np.float64) * max(1, int(num_training)))
 
 
-def plan_configuration(configuration: dict, settings: dict, knobs: dict, gpu_memory_gb: float,
-                       num_input_channels: int, num_output_channels: int, where: str) -> tuple:
-    """(new configuration entries, summary) for one resolved source configuration."""
-    architecture = hymunet_architecture_entry(configuration, knobs)
-    strides = architecture["arch_kwargs"]["strides"]
-    planned_patch = list(configuration["patch_size"])
-    planned_batch = int(configuration["batch_size"])
-    dim = len(planned_patch)
+def _planner(dataset_id: str, gpu_memory_gb: float, plans_name: str):
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 
-    def estimate(patch):
-        return feature_map_elements(architecture, patch, num_input_channels, num_output_channels)
+    from nnunetv2_hymunet.planning.planner import nnUNetPlannerHyMUNet
 
-    if "patch_size" in settings:
-        patch = list(settings["patch_size"])
-        check_patch(patch, strides, f"{where}.patch_size")
-    else:
-        patch = None
-    if "batch_size" in settings:
-        batch = int(settings["batch_size"])
-        patch = patch or planned_patch
-        elements = estimate(patch)
-    elif patch is not None:
-        elements = estimate(patch)
-        batch = max(2, min(planned_batch, max_batch_size(elements, dim, gpu_memory_gb)))
-    else:
-        batch, patch, elements = fit_batch_and_patch(estimate, planned_patch, planned_batch, strides,
-                                                     configuration["median_image_size_in_voxels"], gpu_memory_gb)
+    hint = f"nnU-Net's planners read it; run `nnUNetv2_plan_and_preprocess -d {dataset_id}` first"
+    if nnUNet_raw is None:
+        raise HyMUNetError(f"the environment variable nnUNet_raw is not set ({hint})")
+    for path in (os.path.join(nnUNet_raw, dataset_id, "dataset.json"),
+                 os.path.join(nnUNet_preprocessed, dataset_id, "dataset_fingerprint.json")):
+        if not os.path.isfile(path):
+            raise HyMUNetError(f"{path} not found ({hint})")
+    try:
+        return nnUNetPlannerHyMUNet(dataset_id, gpu_memory_gb, plans_name=plans_name)
+    except (OSError, ValueError) as e:
+        raise HyMUNetError(f"-d {dataset_id}: cannot read the raw dataset or its fingerprint: {e}") from None
+
+
+def plan_configuration(planner, source: dict, name: str, settings: dict, knobs: dict, where: str) -> tuple:
+    """(new configuration, summary) for one configuration of the source plans."""
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    resolved = PlansManager(source).get_configuration(name).configuration
+    n_voxels = _approximate_n_voxels(source, name, planner.dataset_json.get("numTraining", 1))
+    configuration = planner.plan_from_source(resolved, n_voxels, knobs, settings.get("patch_size"),
+                                             settings.get("batch_size"), where)
+    recursive_fix_for_json_export(configuration)  # numpy values from nnU-Net's topology functions
+    patch, batch = configuration["patch_size"], configuration["batch_size"]
+    elements = planner.estimate(configuration["architecture"], patch)
     # the source network at the same patch: the ratio shows what the hybrid stages cost
-    source_elements = feature_map_elements(configuration["architecture"], patch, num_input_channels,
-                                           num_output_channels)
-    fits = max_batch_size(elements, dim, gpu_memory_gb) >= batch
+    source_elements = planner.estimate(resolved["architecture"], patch)
+    reference, ref_bs = planner.memory_reference(len(patch))
     summary = {
-        "source": {"batch_size": planned_batch, "patch_size": planned_patch,
-                   "network": configuration["architecture"]["network_class_name"].rsplit(".", 1)[-1],
+        "source": {"batch_size": resolved["batch_size"], "patch_size": list(resolved["patch_size"]),
+                   "network": resolved["architecture"]["network_class_name"].rsplit(".", 1)[-1],
                    "feature_map_elements": source_elements},
-        "hymunet": {"batch_size": batch, "patch_size": patch, "feature_map_elements": elements,
-                    "knobs": {k: v for k, v in architecture["arch_kwargs"].items() if k in HYBRID_KNOBS}},
-        "fits_target": bool(fits),
+        "hymunet": {"batch_size": batch, "patch_size": patch, "feature_map_elements": elements, "knobs": knobs},
+        "fits_target": bool(elements * batch <= reference * ref_bs),
     }
-    return {"architecture": architecture, "batch_size": batch, "patch_size": patch}, summary
+    return configuration, summary
 
 
 def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = None, gpu_memory_gb: float = None,
                         plans_name: str = None, source_plans: str = None) -> tuple:
     """Write the HyMUNet plans for `dataset` (name or id); returns (plans file, {configuration: summary})."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     preset = load_preset(preset_path) if preset_path else {}
     plans_name = _plans_identifier(preset.get("plans_name", DEFAULT_PLANS_NAME) if plans_name is None else plans_name,
                                    "--plans-name")
@@ -159,8 +173,6 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
     source = _load_json(source_file, "source plans", f"Run `nnUNetv2_plan_and_preprocess -d {dataset_id}` first"
                         + (f" (or pick the planner that writes {source_plans})" if source_plans != "nnUNetPlans"
                            else ""))
-    dataset_json = _load_json(os.path.join(folder, "dataset.json"), "dataset.json",
-                              f"Run `nnUNetv2_plan_and_preprocess -d {dataset_id}` first")
 
     plans = deepcopy(source)
     plans["plans_name"] = plans_name
@@ -179,18 +191,13 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
     if ignored:
         print(f"note: preset settings for {', '.join(ignored)} not used (not planned here)")
 
-    source_manager = PlansManager(source)
-    label_manager = source_manager.get_label_manager(dataset_json)
-    num_input_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    planner = _planner(dataset_id, gpu_memory_gb, plans_name)
     summaries = {}
     for name in chosen:
         settings = preset_configurations.get(name, {})
-        knobs = {**preset.get("hybrid_knobs", {}), **settings.get("hybrid_knobs", {})}
-        resolved = source_manager.get_configuration(name).configuration
-        entries, summaries[name] = plan_configuration(
-            resolved, settings, knobs, gpu_memory_gb, num_input_channels, label_manager.num_segmentation_heads,
-            where=f"{preset_path or 'plan'}: configurations.{name}")
-        plans["configurations"][name].update(entries)
+        knobs = _merge_knobs(preset.get("hybrid_knobs", {}), settings.get("hybrid_knobs", {}))
+        plans["configurations"][name], summaries[name] = plan_configuration(
+            planner, source, name, settings, knobs, where=f"{preset_path or 'plan'}: configurations.{name}")
 
     write_json_atomically(plans, target)
     return target, summaries

@@ -23,28 +23,15 @@ import os
 from importlib import resources
 
 from nnunetv2_hymunet.errors import HyMUNetError
-from nnunetv2_hymunet.planning.architecture import HYBRID_KNOBS
+from nnunetv2_hymunet.network.knobs import HybridKnobs
 
 _TOP_KEYS = {"description", "_comment", "plans_name", "source_plans", "gpu_memory_gb", "hybrid_knobs",
              "configurations"}
 _CONFIGURATION_KEYS = {"_comment", "batch_size", "patch_size", "hybrid_knobs"}
-_KNOB_TYPES = {"n_mamba_stages": (int, type(None)), "scan": str, "fusion": str, "d_state": int, "d_conv": int,
-               "expand": (int, float), "mamba_max_inner_channels": (int, type(None)), "n_mamba_layers_per_stage": int}
-_CHOICES = {"scan": ("flat", "bidir", "cross"), "fusion": ("mgf", "concat")}
 
 
 def _check_knobs(knobs, where: str) -> dict:
-    if not isinstance(knobs, dict):
-        raise HyMUNetError(f"{where}: hybrid_knobs must be an object, got {type(knobs).__name__}")
-    for name, value in knobs.items():
-        if name not in HYBRID_KNOBS:
-            raise HyMUNetError(f"{where}: unknown HyMUNet knob {name!r} (known: {', '.join(HYBRID_KNOBS)})")
-        if isinstance(value, bool) or not isinstance(value, _KNOB_TYPES[name]):
-            raise HyMUNetError(f"{where}: knob {name!r} has the wrong type ({value!r})")
-        if name in _CHOICES and value not in _CHOICES[name]:
-            raise HyMUNetError(f"{where}: knob {name!r} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
-        if isinstance(value, (int, float)) and value < (0 if name == "n_mamba_stages" else 1):
-            raise HyMUNetError(f"{where}: knob {name!r} must be positive, got {value}")
+    HybridKnobs.from_dict(knobs, where)  # names, types and ranges: the one definition of the knobs
     return knobs
 
 
