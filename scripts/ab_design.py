@@ -225,9 +225,9 @@ def main(argv=None):
             records.append(record)
     records = [r for r in records if r["steps"] == args.steps and r.get("side", 128) == args.side]
     table = summarise(records, args.arms)
-    command = "python scripts/ab_design.py " + " ".join(
+    command = ("OMP_NUM_THREADS=1 " if args.threads == 1 else "") + ".venv/bin/python scripts/ab_design.py " + " ".join(
         ["-o", args.output, "--side", str(args.side), "--arms", *args.arms, "--seeds", *map(str, args.seeds),
-         "--steps", str(args.steps),
+         "--steps", str(args.steps), *(["--threads", str(args.threads)] if args.threads else []),
          "--steps-per-epoch", str(args.steps_per_epoch), "--eval-cases", str(args.eval_cases)])
     text = (f"# Design A/B on the long-range task\n\nCommand: `{command}`\n\n{table}\n\n"
             "Paired test: Wilcoxon signed-rank on the per-case fraction of blob pixels given the right class, "
