@@ -34,6 +34,18 @@ RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderU
 DEFAULT_PLANS_NAME = "nnUNetHyMUNetPlans"
 
 
+def memory_estimate(architecture: dict, patch_size, input_channels: int, output_channels: int) -> int:
+    """The network's compute_conv_feature_map_size for one sample at patch_size, built as nnU-Net's
+    static_estimate_VRAM_usage builds it (no initialisation, no deep supervision argument), without its per-call
+    hostname lookup (a subprocess) and thread-count change."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    net = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                 architecture["_kw_requires_import"], input_channels, output_channels,
+                                 allow_init=False)
+    return int(net.compute_conv_feature_map_size(tuple(int(p) for p in patch_size)))
+
+
 class nnUNetPlannerHyMUNet(ExperimentPlanner):
     hybrid_knobs: dict = {}  # a subclass plans another design, nnU-Net style (presets give them per configuration)
 
@@ -61,13 +73,10 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
         return hymunet_architecture(self.unet_layout, arch_kwargs, self.knob_overrides)
 
     def static_estimate_VRAM_usage(self, patch_size, input_channels: int, output_channels: int, arch_class_name: str,
-                                   arch_kwargs: dict, arch_kwargs_req_import) -> float:
+                                   arch_kwargs: dict, arch_kwargs_req_import) -> int:
         """HyMUNet's memory estimate for the U-Net nnU-Net's loop is sizing (an instance method here: the knobs
         belong to the planner)."""
-        architecture = self.hymunet_architecture(arch_kwargs)
-        return ExperimentPlanner.static_estimate_VRAM_usage(
-            patch_size, input_channels, output_channels, architecture["network_class_name"],
-            architecture["arch_kwargs"], architecture["_kw_requires_import"])
+        return memory_estimate(self.hymunet_architecture(arch_kwargs), patch_size, input_channels, output_channels)
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:
@@ -149,11 +158,9 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
         out.update({"architecture": architecture, "patch_size": patch, "batch_size": int(batch)})
         return out
 
-    def estimate(self, architecture: dict, patch_size) -> float:
-        """HyMUNet's (or any plans architecture's) memory estimate for one sample at patch_size."""
-        return float(ExperimentPlanner.static_estimate_VRAM_usage(
-            tuple(patch_size), self.num_input_channels, self.num_output_channels, architecture["network_class_name"],
-            architecture["arch_kwargs"], architecture["_kw_requires_import"]))
+    def estimate(self, architecture: dict, patch_size) -> int:
+        """The memory estimate of any plans architecture (HyMUNet's, the source's) for one sample at patch_size."""
+        return memory_estimate(architecture, patch_size, self.num_input_channels, self.num_output_channels)
 
     @property
     def num_input_channels(self) -> int:
