@@ -40,6 +40,9 @@ def preprocessed(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(root))
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    # ExperimentPlanner's own estimate otherwise runs `hostname` in a subprocess per call: forking this threaded
+    # process has hung (the child stuck before exec)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     dataset_json = dict(tiny_dataset_json(), numTraining=1000)
     write_planner_inputs(tmp_path / "raw", folder, tiny_plans(patch_size=[64, 64]), dataset_json)
     (folder / "dataset.json").write_text(json.dumps(dataset_json))
