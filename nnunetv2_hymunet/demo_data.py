@@ -13,8 +13,16 @@ from PIL import Image
 from nnunetv2_hymunet.conversion.synthetic import make_isic_like_case
 
 
-def write_isic_like_dataset(raw_root: str, dataset_id: int, name: str, num_train: int, num_test: int, size: int,
-                            seed: int, test_labels_folder: str) -> str:
+def write_isic_like_dataset(
+    raw_root: str,
+    dataset_id: int,
+    name: str,
+    num_train: int,
+    num_test: int,
+    size: int,
+    seed: int,
+    test_labels_folder: str,
+) -> str:
     """Write DatasetNNN_NAME under `raw_root` (and test masks to `test_labels_folder`); returns the dataset folder."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -34,13 +42,28 @@ def write_isic_like_dataset(raw_root: str, dataset_id: int, name: str, num_train
             mask_path = os.path.join(test_labels_folder, f"{case}.png")
         Image.fromarray(image).save(image_path)
         Image.fromarray(mask.astype(np.uint8)).save(mask_path)
-    generate_dataset_json(folder, {0: "R", 1: "G", 2: "B"}, {"background": 0, "lesion": 1}, num_train, ".png",
-                          dataset_name=name, description="synthetic ISIC-like lesions (nnunetv2_hymunet demo)")
+    generate_dataset_json(
+        folder,
+        {0: "R", 1: "G", 2: "B"},
+        {"background": 0, "lesion": 1},
+        num_train,
+        ".png",
+        dataset_name=name,
+        description="synthetic ISIC-like lesions (nnunetv2_hymunet demo)",
+    )
     return folder
 
 
-def write_blob_volume_dataset(raw_root: str, dataset_id: int, name: str, num_train: int, num_test: int, shape,
-                              seed: int, spacing_zyx=(2.0, 1.0, 1.0)) -> str:
+def write_blob_volume_dataset(
+    raw_root: str,
+    dataset_id: int,
+    name: str,
+    num_train: int,
+    num_test: int,
+    shape,
+    seed: int,
+    spacing_zyx=(2.0, 1.0, 1.0),
+) -> str:
     """Single-channel NIfTI volumes with one bright noisy ellipsoid labelled 1 (tests and the device check).
 
     Test volumes go to imagesTs and their labels to labelsTs (a folder nnU-Net does not read).

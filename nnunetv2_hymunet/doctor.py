@@ -59,7 +59,10 @@ def run_doctor(args) -> int:
 
 
 def add_subparsers(subparsers):
-    p = subparsers.add_parser("doctor", help="print versions, scan backends and nnU-Net trainer discovery status",
-                              description="Print versions (torch, nnunetv2, mamba-ssm), which selective-scan backend "
-                              "runs on CPU and on CUDA, and whether nnU-Net finds the HyM-UNet trainers.")
+    p = subparsers.add_parser(
+        "doctor",
+        help="print versions, scan backends and nnU-Net trainer discovery status",
+        description="Print versions (torch, nnunetv2, mamba-ssm), which selective-scan backend "
+        "runs on CPU and on CUDA, and whether nnU-Net finds the HyM-UNet trainers.",
+    )
     p.set_defaults(func=run_doctor)

@@ -37,6 +37,7 @@ REPLACED_TAG = ".replaced-"
 
 # ---------------------------------------------------------------- permissions
 
+
 def current_umask() -> int:
     try:  # Linux >= 4.7: read without changing it (os.umask is process-wide, not thread-safe)
         with open("/proc/self/status") as f:
@@ -58,6 +59,7 @@ def apply_default_permissions(path: str) -> None:
 
 # ---------------------------------------------------------------- guards
 
+
 def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
@@ -76,12 +78,15 @@ def check_not_input(path: str, inputs: Mapping[str, str | None], flag: str) -> N
         if _real(path) == _real(input_path):
             raise HyMUNetError(f"{flag} {path} is the input {input_flag} {input_path}; choose another output folder")
         if _is_same_or_ancestor(path, input_path):
-            raise HyMUNetError(f"{flag} {path} contains the input {input_flag} {input_path}; choose an output folder "
-                               "that does not hold the input")
+            raise HyMUNetError(
+                f"{flag} {path} contains the input {input_flag} {input_path}; choose an output folder "
+                "that does not hold the input"
+            )
 
 
-def check_output_path(path: str, flag: str, inputs: Mapping[str, str | None] = None,
-                      must_be_folder: bool = True) -> str:
+def check_output_path(
+    path: str, flag: str, inputs: Mapping[str, str | None] = None, must_be_folder: bool = True
+) -> str:
     """The absolute output path, after checking that it can be created or written and holds no input."""
     if not path or not str(path).strip():
         raise HyMUNetError(f"{flag}: empty path")
@@ -119,8 +124,13 @@ def is_tool_output(path: str, recognise: Callable[[str], bool] | None = None) ->
     return bool(marker and marker.get("whole_folder") is True) or bool(recognise and recognise(path))
 
 
-def check_replaceable(path: str, flag: str, inputs: Mapping[str, str | None], overwrite: bool,
-                      recognise: Callable[[str], bool] | None = None) -> None:
+def check_replaceable(
+    path: str,
+    flag: str,
+    inputs: Mapping[str, str | None],
+    overwrite: bool,
+    recognise: Callable[[str], bool] | None = None,
+) -> None:
     """Refuse to replace `path` unless it is empty, or --overwrite was given and this tool wrote it."""
     if not os.path.lexists(path):
         return
@@ -130,8 +140,10 @@ def check_replaceable(path: str, flag: str, inputs: Mapping[str, str | None], ov
     if not overwrite:
         raise HyMUNetError(f"{flag} {path} exists and is not empty; pass --overwrite to replace it")
     if os.path.islink(path) or not os.path.isdir(path) or not is_tool_output(path, recognise):
-        raise HyMUNetError(f"{flag} {path} was not written by hymunet (no {MARKER} marker); --overwrite replaces only "
-                           "hymunet's own outputs: remove it yourself or choose another folder")
+        raise HyMUNetError(
+            f"{flag} {path} was not written by hymunet (no {MARKER} marker); --overwrite replaces only "
+            "hymunet's own outputs: remove it yourself or choose another folder"
+        )
 
 
 def write_marker(folder: str, command: str, files: Iterable[str] | None = None, whole_folder: bool = True) -> None:
@@ -149,6 +161,7 @@ def write_marker(folder: str, command: str, files: Iterable[str] | None = None, 
 
 
 # ---------------------------------------------------------------- owners of temporary folders
+
 
 def _process_start(pid: int) -> str | None:
     """The start time of a process (clock ticks since boot, Linux), to tell a reused pid from its first owner."""
@@ -229,6 +242,7 @@ def _signals_deferred():
 
 # ---------------------------------------------------------------- atomic folders
 
+
 def _make_parents(path: str) -> list[str]:
     """os.makedirs(path) that returns the folders it created (deepest last), for removal after a failure."""
     created, current = [], os.path.abspath(path)
@@ -275,8 +289,9 @@ class AtomicFolder:
         self.target = os.path.abspath(target)
         self.command = command
         self.parent = os.path.dirname(self.target)
-        self.replaces = list(replaces) if replaces is not None else (
-            [self.target] if os.path.lexists(self.target) else [])
+        self.replaces = (
+            list(replaces) if replaces is not None else ([self.target] if os.path.lexists(self.target) else [])
+        )
         self.temp = None
         self._created: list[str] = []
         # renames that must happen together with this one (e.g. a StagedFile's commit), under the same signal block
@@ -302,8 +317,9 @@ class AtomicFolder:
 
     def _commit(self) -> None:
         if os.path.lexists(self.target) and self.target not in self.replaces:
-            raise HyMUNetError(f"{self.target} appeared while this run was writing (another run?); nothing was "
-                               "replaced")
+            raise HyMUNetError(
+                f"{self.target} appeared while this run was writing (another run?); nothing was replaced"
+            )
         os.remove(os.path.join(self.temp, OWNER_FILE))
         write_marker(self.temp, self.command, self.marker_files)
         apply_default_permissions(self.temp)
@@ -329,8 +345,9 @@ class AtomicFolder:
             shutil.rmtree(bin_folder, ignore_errors=True)
 
 
-def check_files_target(out_dir: str, names: Iterable[str], flag: str = "-o",
-                       inputs: Mapping[str, str | None] = None) -> tuple[str, set | None]:
+def check_files_target(
+    out_dir: str, names: Iterable[str], flag: str = "-o", inputs: Mapping[str, str | None] = None
+) -> tuple[str, set | None]:
     """Check, before any work, that write_files_into(out_dir, names) will be allowed. Returns (absolute out_dir,
     the files of an existing folder that hymunet wrote, or None when it wrote the whole folder or it is new)."""
     out_dir = check_output_path(out_dir, flag, inputs)
@@ -339,13 +356,19 @@ def check_files_target(out_dir: str, names: Iterable[str], flag: str = "-o",
     owned = set((read_marker(out_dir) or {}).get("files", []))
     clashes = [rel for rel in names if rel not in owned and os.path.lexists(os.path.join(out_dir, rel))]
     if clashes:
-        raise HyMUNetError(f"{flag} {out_dir} holds {clashes[0]}, which hymunet did not write; choose another "
-                           "output folder")
+        raise HyMUNetError(
+            f"{flag} {out_dir} holds {clashes[0]}, which hymunet did not write; choose another output folder"
+        )
     return out_dir, owned
 
 
-def write_files_into(out_dir: str, writers: Mapping[str, Callable[[str], None]], command: str,
-                     flag: str = "-o", inputs: Mapping[str, str | None] = None) -> list[str]:
+def write_files_into(
+    out_dir: str,
+    writers: Mapping[str, Callable[[str], None]],
+    command: str,
+    flag: str = "-o",
+    inputs: Mapping[str, str | None] = None,
+) -> list[str]:
     """Call writers[relative_path](absolute_path) for every file, all into a temporary folder first, then move them
     into `out_dir`: a new folder appears in one rename; in an existing folder only the named files are replaced, and
     only when this tool wrote that folder (else an existing file of the same name is an error). Returns the paths."""
@@ -385,18 +408,29 @@ def remove_stale_outputs(out_dir: str, current: Iterable[str], subfolders: Itera
     if marker is None or not isinstance(marker.get("files"), list):
         return []
     current, prefixes = set(current), tuple(sub.rstrip("/") + "/" for sub in subfolders)
-    removed = [rel for rel in marker["files"] if rel.startswith(prefixes) and rel not in current
-               and ".." not in rel.split("/") and os.path.isfile(os.path.join(out_dir, rel))]
+    removed = [
+        rel
+        for rel in marker["files"]
+        if rel.startswith(prefixes)
+        and rel not in current
+        and ".." not in rel.split("/")
+        and os.path.isfile(os.path.join(out_dir, rel))
+    ]
     for rel in removed:
         os.remove(os.path.join(out_dir, rel))
         _remove_if_empty([os.path.dirname(os.path.join(out_dir, rel))])
     if removed:
-        write_marker(out_dir, marker.get("written_by", "hymunet ?").replace("hymunet ", "", 1),
-                     set(marker["files"]) - set(removed), whole_folder=marker.get("whole_folder") is True)
+        write_marker(
+            out_dir,
+            marker.get("written_by", "hymunet ?").replace("hymunet ", "", 1),
+            set(marker["files"]) - set(removed),
+            whole_folder=marker.get("whole_folder") is True,
+        )
     return removed
 
 
 # ---------------------------------------------------------------- atomic files
+
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ".partial", executable: bool = False):
@@ -460,6 +494,7 @@ class StagedFile:
 
 
 # ---------------------------------------------------------------- signals
+
 
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM / SIGHUP, so that `finally` and `except BaseException` clean-ups run."""

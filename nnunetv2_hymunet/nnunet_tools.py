@@ -28,6 +28,7 @@ _DATASET_NAME = re.compile(r"^Dataset(?P<id>\d{3})_(?P<name>[A-Za-z0-9][A-Za-z0-
 
 # ---------------------------------------------------------------- commands
 
+
 def find_executable(name: str) -> str:
     """The console script `name` of the environment running this interpreter (next to it), else from PATH."""
     if os.path.isabs(name):
@@ -37,8 +38,9 @@ def find_executable(name: str) -> str:
         return beside
     found = shutil.which(name)
     if not found:
-        raise HyMUNetError(f"{name} not found next to {sys.executable} nor on PATH: is nnunetv2 installed in this "
-                           "environment?")
+        raise HyMUNetError(
+            f"{name} not found next to {sys.executable} nor on PATH: is nnunetv2 installed in this environment?"
+        )
     return found
 
 
@@ -48,9 +50,16 @@ def shell_line(command: list, env: Mapping[str, str] | None = None) -> str:
     return (prefix + " " if prefix else "") + " ".join(shlex.quote(str(c)) for c in command)
 
 
-def run_logged(command: list, log_path: str, env: Mapping[str, str] | None = None, *, append: bool = False,
-               on_line: Callable[[str], None] | None = None, title: str | None = None,
-               timeout: float | None = None) -> float:
+def run_logged(
+    command: list,
+    log_path: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    append: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    title: str | None = None,
+    timeout: float | None = None,
+) -> float:
     """Run `command` (command[0] found with `find_executable`) with stdout and stderr in `log_path`; the seconds it
     took. `env` is the child's whole environment (default: this one). `append` adds to the log under a `$ command`
     line with the variables `env` changes (a log of several commands). `on_line` sees every output
@@ -68,8 +77,14 @@ def run_logged(command: list, log_path: str, env: Mapping[str, str] | None = Non
             changed = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
             log.write(f"\n$ {shell_line(command, changed)}\n")
             log.flush()
-        with subprocess.Popen(command, env=None if env is None else dict(env), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        with subprocess.Popen(
+            command,
+            env=None if env is None else dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        ) as process:
             watchdog = None
             if timeout is not None:
                 watchdog = threading.Timer(timeout, lambda: (timed_out.set(), process.kill()))
@@ -93,15 +108,19 @@ def run_logged(command: list, log_path: str, env: Mapping[str, str] | None = Non
             code = process.wait()
     seconds = time.monotonic() - started
     if timed_out.is_set():
-        raise HyMUNetError(f"{title} timed out after {timeout:.0f} s; full output in {log_path}; last lines:\n"
-                           + "\n".join(tail))
+        raise HyMUNetError(
+            f"{title} timed out after {timeout:.0f} s; full output in {log_path}; last lines:\n" + "\n".join(tail)
+        )
     if code != 0:
-        raise HyMUNetError(f"{title} failed (exit code {code}) after {seconds:.0f} s; full output in {log_path}; "
-                           "last lines:\n" + "\n".join(tail))
+        raise HyMUNetError(
+            f"{title} failed (exit code {code}) after {seconds:.0f} s; full output in {log_path}; "
+            "last lines:\n" + "\n".join(tail)
+        )
     return seconds
 
 
 # ---------------------------------------------------------------- schedules from the environment
+
 
 def read_schedule(mapping: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> dict:
     """{trainer attribute: value} for each variable of `mapping` ({variable: attribute}) that is set in `environ`
@@ -116,13 +135,16 @@ def read_schedule(mapping: Mapping[str, str], environ: Mapping[str, str] = os.en
         except ValueError:
             value = 0
         if value < 1:
-            raise HyMUNetError(f"environment variable {variable}={text!r}: expected a positive integer "
-                               f"(it sets the trainer's {attribute})")
+            raise HyMUNetError(
+                f"environment variable {variable}={text!r}: expected a positive integer "
+                f"(it sets the trainer's {attribute})"
+            )
         schedule[attribute] = value
     return schedule
 
 
 # ---------------------------------------------------------------- datasets
+
 
 def resolve_dataset(dataset, flag: str = "-d") -> str:
     """DatasetNNN_Name for a name or an id, as nnU-Net resolves `-d` (nnUNet_raw, _preprocessed, _results)."""
@@ -132,8 +154,9 @@ def resolve_dataset(dataset, flag: str = "-d") -> str:
         return maybe_convert_to_dataset_name(str(dataset).strip())
     except (RuntimeError, ValueError) as e:  # nnU-Net's message goes on to list the environment over many lines
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HyMUNetError(f"{flag} {dataset}: no such dataset in nnUNet_raw / nnUNet_preprocessed / nnUNet_results "
-                           f"({first})") from None
+        raise HyMUNetError(
+            f"{flag} {dataset}: no such dataset in nnUNet_raw / nnUNet_preprocessed / nnUNet_results ({first})"
+        ) from None
 
 
 def dataset_id(dataset_name: str) -> int:

@@ -52,14 +52,19 @@ def long_range_plans(side: int):
     from nnunetv2_hymunet.benchmark.suite import min_marker_distance
 
     n_stages = int(np.log2(side / 4)) + 1
-    features = [min(32 * 2 ** s, 512) for s in range(n_stages)]
+    features = [min(32 * 2**s, 512) for s in range(n_stages)]
     configuration = _configuration(2, (side, side), 2, (1.0, 1.0), features, 1, "nnUNetPlans_2d")
     configuration["use_mask_for_norm"] = [False]
-    plans = _plans("Dataset999_ABLongRange", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0),
-                   (1, side, side), 1)
+    plans = _plans(
+        "Dataset999_ABLongRange", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0), (1, side, side), 1
+    )
     plans = cut_plans(plans, "2d", choose_stages(plans, "2d", min_marker_distance(side)), "nnUNetPlans")
-    dataset_json = {"channel_names": {"0": "grey"}, "labels": {"background": 0, "bright_key": 1, "dark_key": 2},
-                    "numTraining": 1, "file_ending": ".png"}
+    dataset_json = {
+        "channel_names": {"0": "grey"},
+        "labels": {"background": 0, "bright_key": 1, "dark_key": 2},
+        "numTraining": 1,
+        "file_ending": ".png",
+    }
     return plans, dataset_json
 
 
@@ -116,9 +121,12 @@ def batch_stream(trainer, seed: int, side: int, batch_size: int = 2):
             labels.append(label.copy())
         data = torch.from_numpy(np.stack(images)[:, None])
         seg = torch.from_numpy(np.stack(labels)[:, None].astype(np.float32))
-        target = [seg if all(s == 1 for s in scale) else
-                  torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
-                  for scale in scales]
+        target = [
+            seg
+            if all(s == 1 for s in scale)
+            else torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+            for scale in scales
+        ]
         yield {"data": data, "target": target if trainer.enable_deep_supervision else target[0]}
 
 
@@ -161,11 +169,21 @@ def run_arm(arm: str, seed: int, steps: int, steps_per_epoch: int, held_out, sid
         seconds = time.time() - start
         scores = evaluate(trainer.network, held_out)
         groups = trainer.logger.get_value("hymunet_param_groups", step=None)
-    log(f"{arm} seed {seed}: accuracy {np.mean(scores['accuracy']):.3f}, dice {np.mean(scores['dice']):.3f}, "
-        f"loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}, {seconds:.0f} s")
-    return {"arm": arm, "seed": seed, "steps": steps, "side": side, "seconds": seconds,
-            "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:])), "scores": scores,
-            "param_groups_last_epoch": groups[-1]}
+    log(
+        f"{arm} seed {seed}: accuracy {np.mean(scores['accuracy']):.3f}, dice {np.mean(scores['dice']):.3f}, "
+        f"loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}, {seconds:.0f} s"
+    )
+    return {
+        "arm": arm,
+        "seed": seed,
+        "steps": steps,
+        "side": side,
+        "seconds": seconds,
+        "loss_first": float(np.mean(losses[:20])),
+        "loss_last": float(np.mean(losses[-20:])),
+        "scores": scores,
+        "param_groups_last_epoch": groups[-1],
+    }
 
 
 def summarise(records: list, arms: list) -> str:
@@ -173,8 +191,11 @@ def summarise(records: list, arms: list) -> str:
 
     reference = arms[0]
     by_arm = {a: {r["seed"]: r for r in records if r["arm"] == a} for a in arms}
-    lines = ["| arm | seeds | blob-class accuracy (mean ± sd over seeds) | blob Dice | final loss | "
-             f"Δ accuracy vs {reference} | paired Wilcoxon p (seeds × cases) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | seeds | blob-class accuracy (mean ± sd over seeds) | blob Dice | final loss | "
+        f"Δ accuracy vs {reference} | paired Wilcoxon p (seeds × cases) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm in arms:
         runs = by_arm[arm]
         if not runs:
@@ -190,16 +211,23 @@ def summarise(records: list, arms: list) -> str:
             delta = f"{np.mean([np.mean(runs[s]['scores']['accuracy']) for s in common]) - np.mean([np.mean(by_arm[reference][s]['scores']['accuracy']) for s in common]):+.3f}"  # noqa: E501
             p = f"{wilcoxon(a, b).pvalue:.3g}" if np.any(a != b) else "1"
         sd = lambda v: np.std(v, ddof=1) if len(v) > 1 else float("nan")  # noqa: E731
-        lines.append(f"| {arm} | {len(runs)} | {np.mean(acc):.3f} ± {sd(acc):.3f} | {np.mean(dice):.3f} ± "
-                     f"{sd(dice):.3f} | {np.mean(loss):.3f} | {delta} | {p} |")
+        lines.append(
+            f"| {arm} | {len(runs)} | {np.mean(acc):.3f} ± {sd(acc):.3f} | {np.mean(dice):.3f} ± "
+            f"{sd(dice):.3f} | {np.mean(loss):.3f} | {delta} | {p} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--output", required=True, help="folder for runs.jsonl and summary.md")
-    parser.add_argument("--arms", nargs="+", default=["default", "nnUNetSGD", "noMamba"], choices=sorted(ARMS),
-                        help="the first arm is the reference of the paired tests")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=["default", "nnUNetSGD", "noMamba"],
+        choices=sorted(ARMS),
+        help="the first arm is the reference of the paired tests",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="train_step calls per run")
     parser.add_argument("--steps-per-epoch", type=int, default=25, help="lr schedule and diagnostics granularity")
@@ -218,20 +246,42 @@ def main(argv=None):
         for arm in args.arms:
             if (arm, seed, args.steps, args.side) in done:
                 continue
-            record = run_arm(arm, seed, args.steps, args.steps_per_epoch, held_out, args.side,
-                             lambda m: print(m, flush=True))
+            record = run_arm(
+                arm, seed, args.steps, args.steps_per_epoch, held_out, args.side, lambda m: print(m, flush=True)
+            )
             with open(runs_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
             records.append(record)
     records = [r for r in records if r["steps"] == args.steps and r.get("side", 128) == args.side]
     table = summarise(records, args.arms)
-    command = ("OMP_NUM_THREADS=1 " if args.threads == 1 else "") + ".venv/bin/python scripts/ab_design.py " + " ".join(
-        ["-o", args.output, "--side", str(args.side), "--arms", *args.arms, "--seeds", *map(str, args.seeds),
-         "--steps", str(args.steps), *(["--threads", str(args.threads)] if args.threads else []),
-         "--steps-per-epoch", str(args.steps_per_epoch), "--eval-cases", str(args.eval_cases)])
-    text = (f"# Design A/B on the long-range task\n\nCommand: `{command}`\n\n{table}\n\n"
-            "Paired test: Wilcoxon signed-rank on the per-case fraction of blob pixels given the right class, "
-            "pairs (seed, case) against the first arm (same seed = same conv init and the same batches).\n")
+    command = (
+        ("OMP_NUM_THREADS=1 " if args.threads == 1 else "")
+        + ".venv/bin/python scripts/ab_design.py "
+        + " ".join(
+            [
+                "-o",
+                args.output,
+                "--side",
+                str(args.side),
+                "--arms",
+                *args.arms,
+                "--seeds",
+                *map(str, args.seeds),
+                "--steps",
+                str(args.steps),
+                *(["--threads", str(args.threads)] if args.threads else []),
+                "--steps-per-epoch",
+                str(args.steps_per_epoch),
+                "--eval-cases",
+                str(args.eval_cases),
+            ]
+        )
+    )
+    text = (
+        f"# Design A/B on the long-range task\n\nCommand: `{command}`\n\n{table}\n\n"
+        "Paired test: Wilcoxon signed-rank on the per-case fraction of blob pixels given the right class, "
+        "pairs (seed, case) against the first arm (same seed = same conv init and the same batches).\n"
+    )
     with open(os.path.join(args.output, "summary.md"), "w") as f:
         f.write(text)
     print(text)

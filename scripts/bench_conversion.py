@@ -52,7 +52,8 @@ def write_release(root: str, num_images: int, height: int, width: int, num_disti
         case_id = f"ISIC_{index:07d}"
         Image.fromarray(rgb).save(os.path.join(root, IMAGES, f"{case_id}.jpg"), quality=95)
         Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).save(
-            os.path.join(root, TRUTH, f"{case_id}_segmentation.png"))
+            os.path.join(root, TRUTH, f"{case_id}_segmentation.png")
+        )
 
 
 def warm_page_cache(root: str) -> int:
@@ -73,8 +74,9 @@ def baseline(root: str, out: str) -> None:
             continue
         case_id = name[:-4]
         with Image.open(os.path.join(root, IMAGES, name)) as image:
-            image.save(os.path.join(out, "images", f"{case_id}_0000.png"), format="PNG",
-                       compress_level=PNG_COMPRESS_LEVEL)
+            image.save(
+                os.path.join(out, "images", f"{case_id}_0000.png"), format="PNG", compress_level=PNG_COMPRESS_LEVEL
+            )
         with Image.open(os.path.join(root, TRUTH, f"{case_id}_segmentation.png")) as mask:
             mask.save(os.path.join(out, "masks", f"{case_id}.png"), format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
@@ -89,10 +91,15 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=700)
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--num-distinct", type=int, default=24, help="distinct synthetic cases before variation")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="pairs of passes per method, in ABBA order (default 1: baseline, converter)")
-    parser.add_argument("--parallel-workers", type=int, default=0,
-                        help="also time the converter with this many workers (0: skip)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="pairs of passes per method, in ABBA order (default 1: baseline, converter)",
+    )
+    parser.add_argument(
+        "--parallel-workers", type=int, default=0, help="also time the converter with this many workers (0: skip)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where to write (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
@@ -103,10 +110,14 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         write_release(release, args.num_images, args.height, args.width, args.num_distinct, args.seed)
         size_mb = warm_page_cache(release) / 1e6
-        print(f"fake release: {args.num_images} images {args.width}x{args.height} + masks, {size_mb:.1f} MB, "
-              f"written in {time.perf_counter() - start:.1f} s")
-        print(f"load average before timing: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
-              f"{os.getloadavg()[2]:.2f} on {os.cpu_count()} CPUs")
+        print(
+            f"fake release: {args.num_images} images {args.width}x{args.height} + masks, {size_mb:.1f} MB, "
+            f"written in {time.perf_counter() - start:.1f} s"
+        )
+        print(
+            f"load average before timing: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
+            f"{os.getloadavg()[2]:.2f} on {os.cpu_count()} CPUs"
+        )
 
         timings = {"baseline": [], "converter": []}
         order = []
@@ -122,18 +133,23 @@ def main(argv=None) -> int:
             timings[method].append(time.perf_counter() - start)
             print(f"  pass {run + 1}: {method:9s} {timings[method][-1]:7.2f} s")
 
-        converted_images = os.path.join(work, f"converter_{order.index('converter')}", "Dataset001_ISIC2018",
-                                        "imagesTr")
+        converted_images = os.path.join(
+            work, f"converter_{order.index('converter')}", "Dataset001_ISIC2018", "imagesTr"
+        )
         baseline_images = os.path.join(work, f"baseline_{order.index('baseline')}", "images")
         names = sorted(os.listdir(baseline_images))
-        same = all(filecmp.cmp(os.path.join(baseline_images, n), os.path.join(converted_images, n), shallow=False)
-                   for n in names)
+        same = all(
+            filecmp.cmp(os.path.join(baseline_images, n), os.path.join(converted_images, n), shallow=False)
+            for n in names
+        )
         print(f"converted image PNGs byte-identical to the baseline's: {same} ({len(names)} files)")
 
         base, conv = sum(timings["baseline"]), sum(timings["converter"])
         per_image = 1000 * base / (len(timings["baseline"]) * args.num_images)
-        print(f"baseline (read + write once): {base / len(timings['baseline']):.2f} s per pass "
-              f"({per_image:.1f} ms per image)")
+        print(
+            f"baseline (read + write once): {base / len(timings['baseline']):.2f} s per pass "
+            f"({per_image:.1f} ms per image)"
+        )
         print(f"converter, serial:            {conv / len(timings['converter']):.2f} s per pass")
         print(f"ratio converter / baseline:   {conv / base:.3f}")
         if args.parallel_workers > 1:
@@ -141,8 +157,10 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             converter(release, out, num_workers=args.parallel_workers)
             elapsed = time.perf_counter() - start
-            print(f"converter, {args.parallel_workers} workers:         {elapsed:.2f} s "
-                  f"(ratio to serial baseline {elapsed / (base / len(timings['baseline'])):.3f})")
+            print(
+                f"converter, {args.parallel_workers} workers:         {elapsed:.2f} s "
+                f"(ratio to serial baseline {elapsed / (base / len(timings['baseline'])):.3f})"
+            )
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         return 0
     finally:

@@ -46,8 +46,15 @@ MODELS = {
     "HyMUNet no-Mamba (n_mamba_stages=0)": {"n_mamba_stages": 0},
 }
 SIDE_BY_SIDE = {  # plan -> (models, forward only)
-    "isic-like-2d": (["PlainConvUNet", "HyMUNet cross+mgf (default)", "HyMUNet Mamba on the deepest 3 stages",
-                      "HyMUNet no-Mamba (n_mamba_stages=0)"], False),
+    "isic-like-2d": (
+        [
+            "PlainConvUNet",
+            "HyMUNet cross+mgf (default)",
+            "HyMUNet Mamba on the deepest 3 stages",
+            "HyMUNet no-Mamba (n_mamba_stages=0)",
+        ],
+        False,
+    ),
     "brats-like-3d": (["PlainConvUNet", "HyMUNet cross+mgf (default)"], True),  # 6 stages: Mamba on the deepest 3
 }
 
@@ -69,8 +76,13 @@ def plan_arch(plan: str):
     dataset_json = profile_plan.dataset_json
     labels = dataset_json["labels"]
     classes = len(labels) - 1 if "regions_class_order" in dataset_json else len(labels)
-    return (kwargs, len(dataset_json["channel_names"]), classes, tuple(configuration["patch_size"]),
-            configuration["batch_size"])
+    return (
+        kwargs,
+        len(dataset_json["channel_names"]),
+        classes,
+        tuple(configuration["patch_size"]),
+        configuration["batch_size"],
+    )
 
 
 def build(name: str, plan: str = "isic-like-2d", deep_supervision: bool = True):
@@ -137,15 +149,27 @@ def memory_probe(name: str, plan: str, patch, batch: int, forward_only: bool) ->
     print(json.dumps({"peak_rss_increase_mib": peak}))
 
 
-def run(plan: str, patch, batch: int, repeats: int, threads: int, json_path: str = None, models=None,
-        forward_only: bool = False, flops: bool = True) -> dict:
+def run(
+    plan: str,
+    patch,
+    batch: int,
+    repeats: int,
+    threads: int,
+    json_path: str = None,
+    models=None,
+    forward_only: bool = False,
+    flops: bool = True,
+) -> dict:
     from nnunetv2_hymunet.benchmark.profiling import count_flops
     from nnunetv2_hymunet.ssm import resolve_backend
 
     torch.set_num_threads(threads)
     backend = resolve_backend(torch.device("cpu"))
-    print(f"plan {plan}, patch {patch}, batch {batch}, repeats {repeats}, threads {threads}, scan backend {backend}, "
-          f"load average {os.getloadavg()}", flush=True)
+    print(
+        f"plan {plan}, patch {patch}, batch {batch}, repeats {repeats}, threads {threads}, scan backend {backend}, "
+        f"load average {os.getloadavg()}",
+        flush=True,
+    )
     torch.manual_seed(0)
     x = torch.randn(batch, plan_arch(plan)[1], *patch)
     names = list(models or MODELS)
@@ -183,37 +207,73 @@ def run(plan: str, patch, batch: int, repeats: int, threads: int, json_path: str
             results[name]["train_step_s"] = statistics.median(step[name])
     del nets
     for name in names:
-        probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, "--plan", plan,
-                                "--patch", *map(str, patch), "--batch", str(batch), "--threads", str(threads)]
-                               + (["--forward-only"] if forward_only else []),
-                               capture_output=True, text=True, check=True)
+        probe = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-probe",
+                name,
+                "--plan",
+                plan,
+                "--patch",
+                *map(str, patch),
+                "--batch",
+                str(batch),
+                "--threads",
+                str(threads),
+            ]
+            + (["--forward-only"] if forward_only else []),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[name].update(json.loads(probe.stdout.strip().splitlines()[-1]))
     print_table(results, forward_only, flops)
     print(f"\nload average at the end {os.getloadavg()}")
     if json_path:
-        atomic_write_text(json_path, json.dumps({"plan": plan, "patch": list(patch), "batch": batch, "threads": threads,
-                                                 "backend": backend, "results": results}, indent=1))
+        atomic_write_text(
+            json_path,
+            json.dumps(
+                {
+                    "plan": plan,
+                    "patch": list(patch),
+                    "batch": batch,
+                    "threads": threads,
+                    "backend": backend,
+                    "results": results,
+                },
+                indent=1,
+            ),
+        )
     return results
 
 
 def print_table(results: dict, forward_only: bool, flops: bool) -> None:
     base = results["PlainConvUNet"]
     memory = "forward" if forward_only else "step"
-    columns = ["model", "params (M)", "ratio"] + (["GFLOPs fwd (counted + scan)"] if flops else []) + \
-        ["fwd (s)", "ratio"] + ([] if forward_only else ["train step (s)", "ratio"]) + \
-        [f"peak {memory} RSS +MiB", "ratio"]
+    columns = (
+        ["model", "params (M)", "ratio"]
+        + (["GFLOPs fwd (counted + scan)"] if flops else [])
+        + ["fwd (s)", "ratio"]
+        + ([] if forward_only else ["train step (s)", "ratio"])
+        + [f"peak {memory} RSS +MiB", "ratio"]
+    )
     print("\n| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for name, r in results.items():
         cells = [name, f"{r['params'] / 1e6:.2f}", f"{r['params'] / base['params']:.2f}"]
         if flops:
-            cells.append(f"{(r['flops_counted'] + r['flops_scan']) / 1e9:.1f} ({r['flops_counted'] / 1e9:.1f} + "
-                         f"{r['flops_scan'] / 1e9:.2f})")
+            cells.append(
+                f"{(r['flops_counted'] + r['flops_scan']) / 1e9:.1f} ({r['flops_counted'] / 1e9:.1f} + "
+                f"{r['flops_scan'] / 1e9:.2f})"
+            )
         cells += [f"{r['forward_s']:.2f}", f"{r['forward_s'] / base['forward_s']:.2f}"]
         if not forward_only:
             cells += [f"{r['train_step_s']:.2f}", f"{r['train_step_s'] / base['train_step_s']:.2f}"]
-        cells += [f"{r['peak_rss_increase_mib']:.0f}",
-                  f"{r['peak_rss_increase_mib'] / base['peak_rss_increase_mib']:.2f}"]
+        cells += [
+            f"{r['peak_rss_increase_mib']:.0f}",
+            f"{r['peak_rss_increase_mib'] / base['peak_rss_increase_mib']:.2f}",
+        ]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -223,10 +283,14 @@ def side_by_side(repeats: int, threads: int, json_path: str = None) -> None:
     everything = {}
     for plan, (models, forward_only) in SIDE_BY_SIDE.items():
         _, _, _, patch, batch = plan_arch(plan)
-        print(f"\n## {plan}: patch {'x'.join(map(str, patch))}, batch {batch}, "
-              f"{'forward pass (inference)' if forward_only else 'training step'}\n", flush=True)
-        everything[plan] = run(plan, patch, batch, repeats, threads, models=models, forward_only=forward_only,
-                               flops=False)
+        print(
+            f"\n## {plan}: patch {'x'.join(map(str, patch))}, batch {batch}, "
+            f"{'forward pass (inference)' if forward_only else 'training step'}\n",
+            flush=True,
+        )
+        everything[plan] = run(
+            plan, patch, batch, repeats, threads, models=models, forward_only=forward_only, flops=False
+        )
     if json_path:
         atomic_write_text(json_path, json.dumps(everything, indent=1))
 
@@ -234,16 +298,23 @@ def side_by_side(repeats: int, threads: int, json_path: str = None) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plan", choices=PLANS, default="isic-like-2d")
-    parser.add_argument("--patch", type=int, nargs="+", default=None,
-                        help="spatial size (default: the plan's: 768 1024, or 128 128 128; divisible by the total "
-                             "stride)")
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="spatial size (default: the plan's: 768 1024, or 128 128 128; divisible by the total stride)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="default: the plan's batch size (2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--models", nargs="+", default=None, help=f"a subset of: {', '.join(MODELS)}")
     parser.add_argument("--forward-only", action="store_true", help="time and measure the forward pass only")
-    parser.add_argument("--side-by-side", action="store_true",
-                        help="issue 13's numbers for both plans at their native size (--repeats default 2 here)")
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="issue 13's numbers for both plans at their native size (--repeats default 2 here)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

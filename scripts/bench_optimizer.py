@@ -24,8 +24,9 @@ def _trainer(trainer_class, plan, workdir):
     folder = os.path.join(workdir, "preprocessed", plan.plans["dataset_name"], configuration["data_identifier"])
     os.makedirs(folder, exist_ok=True)
     open(os.path.join(folder, "case.b2nd"), "w").close()  # initialize() infers the dataset format from the files
-    trainer = trainer_class(dict(plan.plans, continue_training=False), plan.configuration, 0, plan.dataset_json,
-                            torch.device("cpu"))
+    trainer = trainer_class(
+        dict(plan.plans, continue_training=False), plan.configuration, 0, plan.dataset_json, torch.device("cpu")
+    )
     trainer.initialize()
     return trainer
 
@@ -36,9 +37,12 @@ def _batch(trainer, plan):
     n_in = len(plan.dataset_json["channel_names"])
     data = torch.randn(configuration["batch_size"], n_in, *patch)
     seg = (torch.rand(configuration["batch_size"], 1, *patch) > 0.5).float()
-    target = [seg if all(s == 1 for s in scale) else
-              torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
-              for scale in trainer._get_deep_supervision_scales()]
+    target = [
+        seg
+        if all(s == 1 for s in scale)
+        else torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+        for scale in trainer._get_deep_supervision_scales()
+    ]
     return {"data": data, "target": target}
 
 
@@ -64,8 +68,9 @@ def main(argv=None):
         torch.manual_seed(0)
         trainer = _trainer(nnUNetTrainerHyMUNet, plan, workdir)
         network = trainer.network
-        sgd = torch.optim.SGD(network.parameters(), trainer.initial_lr, weight_decay=trainer.weight_decay,
-                              momentum=0.99, nesterov=True)
+        sgd = torch.optim.SGD(
+            network.parameters(), trainer.initial_lr, weight_decay=trainer.weight_decay, momentum=0.99, nesterov=True
+        )
         batch = _batch(trainer, plan)
         trainer.on_train_epoch_start()
         step_times = [_timed(lambda: trainer.train_step(batch)) for _ in range(args.repeats + 1)][1:]
@@ -87,14 +92,20 @@ def main(argv=None):
         new = float(np.median(hybrid)) + epoch_work / args.iterations_per_epoch
         old = float(np.median(plain))
     n_params = sum(p.numel() for p in network.parameters())
-    print(f"plan {args.plan}, patch {plan.configuration_dict['patch_size']}, batch "
-          f"{plan.configuration_dict['batch_size']}, {n_params / 1e6:.1f} M parameters, torch threads "
-          f"{torch.get_num_threads()}")
-    print("| train_step (median) | HybridOptimizer step + diagnostics | torch SGD step | extra work per step | "
-          "extra / train_step |")
+    print(
+        f"plan {args.plan}, patch {plan.configuration_dict['patch_size']}, batch "
+        f"{plan.configuration_dict['batch_size']}, {n_params / 1e6:.1f} M parameters, torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        "| train_step (median) | HybridOptimizer step + diagnostics | torch SGD step | extra work per step | "
+        "extra / train_step |"
+    )
     print("|---|---|---|---|---|")
-    print(f"| {step:.2f} s | {new * 1e3:.1f} ms | {old * 1e3:.1f} ms | {(new - old) * 1e3:.1f} ms | "
-          f"{100 * (new - old) / step:.2f} % |")
+    print(
+        f"| {step:.2f} s | {new * 1e3:.1f} ms | {old * 1e3:.1f} ms | {(new - old) * 1e3:.1f} ms | "
+        f"{100 * (new - old) / step:.2f} % |"
+    )
 
 
 if __name__ == "__main__":

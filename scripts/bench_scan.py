@@ -65,8 +65,10 @@ def _inputs(batch, dim, length, n_state):
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    dt = torch.exp(torch.rand(dim, generator=gen) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
-                   + torch.log(torch.tensor(1e-3)))
+    dt = torch.exp(
+        torch.rand(dim, generator=gen) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
+        + torch.log(torch.tensor(1e-3))
+    )
     inv_dt = dt + torch.log(-torch.expm1(-dt))
     delta = torch.nn.functional.softplus(inv_dt[:, None] + 0.5 * torch.randn(batch, dim, length, generator=gen))
     u = torch.randn(batch, dim, length, generator=gen)
@@ -95,8 +97,10 @@ def run_cell(dim, length, methods, repeats, batch=2, n_state=16):
 
     inputs = _inputs(batch, dim, length, n_state)
     active = {m: _core(m) for m in methods}
-    modes = {m: [mode for mode in ("fwd", "fwdbwd")
-                 if m != "indexing_reference" or length <= INDEXING_LIMITS[mode]] for m in methods}
+    modes = {
+        m: [mode for mode in ("fwd", "fwdbwd") if m != "indexing_reference" or length <= INDEXING_LIMITS[mode]]
+        for m in methods
+    }
     result = {m: {} for m in methods}
     meter = CpuPeakMemory()  # the resident-set peak as `hymunet profile` measures it
     for method, core in active.items():  # warm-up; measure one call's peak memory
@@ -119,16 +123,19 @@ def run_cell(dim, length, methods, repeats, batch=2, n_state=16):
 
 def first_call_seconds(method):
     """Import + first fwd+bwd call (float32) in a fresh process with an empty kernel cache, then with the cache."""
-    code = ("import time; t = time.perf_counter(); import sys; sys.argv = ['x']; "
-            "from scripts.bench_scan import _inputs, _call, _core; "
-            f"_call(_core({method!r}), _inputs(2, 64, 300, 16), 'fwdbwd'); print(time.perf_counter() - t)")
+    code = (
+        "import time; t = time.perf_counter(); import sys; sys.argv = ['x']; "
+        "from scripts.bench_scan import _inputs, _call, _core; "
+        f"_call(_core({method!r}), _inputs(2, 64, 300, 16), 'fwdbwd'); print(time.perf_counter() - t)"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     times = {}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, HYMUNET_CACHE_DIR=cache, PYTHONPATH=root)
         for label in ("cold (empty cache)", "cached"):
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                                 check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True
+            )
             times[label] = float(out.stdout.strip().splitlines()[-1])
     return times
 
@@ -174,10 +181,20 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for d in args.dims:
         for L in args.lengths:
-            cmd = [sys.executable, os.path.abspath(__file__), "--cell", str(d), str(L), "--repeats",
-                   str(args.repeats), "--methods", *args.methods]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root,
-                                 env=dict(os.environ, PYTHONPATH=root))
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--cell",
+                str(d),
+                str(L),
+                "--repeats",
+                str(args.repeats),
+                "--methods",
+                *args.methods,
+            ]
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, check=True, cwd=root, env=dict(os.environ, PYTHONPATH=root)
+            )
             results[(d, L)] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"done d={d} L={L} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     print(f"load average after: {os.getloadavg()}")
@@ -185,8 +202,10 @@ def main():
     for method in ("native", "numba"):
         if method in args.methods:
             first = first_call_seconds(method)
-            print(f"\n{method} import + first fwd+bwd call (float32, d=64, L=300): "
-                  + ", ".join(f"{k}: {v:.1f} s" for k, v in first.items()))
+            print(
+                f"\n{method} import + first fwd+bwd call (float32, d=64, L=300): "
+                + ", ".join(f"{k}: {v:.1f} s" for k, v in first.items())
+            )
     if args.json:
         atomic_write_text(args.json, json.dumps({f"{d},{L}": v for (d, L), v in results.items()}, indent=1))
     return 0

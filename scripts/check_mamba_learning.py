@@ -17,8 +17,9 @@ def main(argv=None):
     from nnunetv2_hymunet.benchmark.learning_check import CATEGORIES, gradient_driven_change
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-tr", "--trainers", nargs="+",
-                        default=["nnUNetTrainerHyMUNet", "nnUNetTrainerHyMUNet_nnUNetSGD"])
+    parser.add_argument(
+        "-tr", "--trainers", nargs="+", default=["nnUNetTrainerHyMUNet", "nnUNetTrainerHyMUNet_nnUNetSGD"]
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -27,13 +28,16 @@ def main(argv=None):
         changes = gradient_driven_change(getattr(training, name), args.steps, args.seed)
         medians = {c: float(np.median(list(v.values()))) for c, v in changes.items()}
         rows.append((name, changes, medians))
-    print(f"{args.steps} train_step calls of a small 2D plan (32x32, 4 stages), seed {args.seed}; "
-          "gradient-driven relative change ||w_run - w_twin|| / ||w_init||, median [min, max] per category")
+    print(
+        f"{args.steps} train_step calls of a small 2D plan (32x32, 4 stages), seed {args.seed}; "
+        "gradient-driven relative change ||w_run - w_twin|| / ||w_init||, median [min, max] per category"
+    )
     print("| trainer | " + " | ".join(CATEGORIES) + " | scan / conv (medians) |")
     print("|---|" + "---|" * (len(CATEGORIES) + 1))
     for name, changes, medians in rows:
-        cells = [f"{medians[c]:.2g} [{min(changes[c].values()):.1g}, {max(changes[c].values()):.1g}]"
-                 for c in CATEGORIES]
+        cells = [
+            f"{medians[c]:.2g} [{min(changes[c].values()):.1g}, {max(changes[c].values()):.1g}]" for c in CATEGORIES
+        ]
         print(f"| {name} | " + " | ".join(cells) + f" | {medians[CATEGORIES[2]] / medians[CATEGORIES[0]]:.2g} |")
 
 

@@ -41,8 +41,12 @@ def prepare_venv(venv, install_torch):
         _run(pip + ["-c", os.path.join(ROOT, "scripts", "constraints-cpu.txt"), "torch"])
     else:
         # chain the current environment's site-packages (torch, numba, ...) behind the scratch venv's own
-        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        site = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         with open(os.path.join(site, "_parent_env.pth"), "w") as f:
             f.write(sysconfig.get_paths()["purelib"] + "\n")
     _run(pip + ["setuptools", "wheel", "packaging", "ninja", "einops"])
@@ -72,6 +76,7 @@ def compare():
 
     from nnunetv2_hymunet.ssm import Mamba, selective_scan_fn
     from nnunetv2_hymunet.ssm.selective_scan import ENV_VAR
+
     print(f"mamba_ssm {mamba_ssm.__version__}, torch {torch.__version__}")
     worst = 0.0
     names = ("out", "last_state", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
@@ -79,10 +84,16 @@ def compare():
         gen = torch.Generator().manual_seed(0)
         b, d, L, n = 2, 8, 97, 16
         bc = (b, n, L) if groups is None else (b, groups, n, L)
-        inputs = [torch.randn(b, d, L, generator=gen), torch.randn(b, d, L, generator=gen) - 1,
-                  -torch.exp(torch.randn(d, n, generator=gen) * 0.5), torch.randn(*bc, generator=gen),
-                  torch.randn(*bc, generator=gen), torch.randn(d, generator=gen), torch.randn(b, d, L, generator=gen),
-                  torch.randn(d, generator=gen) * 0.3]
+        inputs = [
+            torch.randn(b, d, L, generator=gen),
+            torch.randn(b, d, L, generator=gen) - 1,
+            -torch.exp(torch.randn(d, n, generator=gen) * 0.5),
+            torch.randn(*bc, generator=gen),
+            torch.randn(*bc, generator=gen),
+            torch.randn(d, generator=gen),
+            torch.randn(b, d, L, generator=gen),
+            torch.randn(d, generator=gen) * 0.3,
+        ]
 
         def run(fn):
             xs = [x.clone().requires_grad_() for x in inputs]
@@ -97,8 +108,10 @@ def compare():
             ours = run(selective_scan_fn)
             errs = {name: rel_err(o, t) for name, o, t in zip(names, ours, theirs)}
             worst = max(worst, *errs.values())
-            print(f"selective_scan groups={groups} backend={backend}: max rel err {max(errs.values()):.2e} "
-                  + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+            print(
+                f"selective_scan groups={groups} backend={backend}: max rel err {max(errs.values()):.2e} "
+                + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+            )
 
     torch.manual_seed(0)
     theirs = mamba_simple.Mamba(64, use_fast_path=False)
@@ -125,8 +138,11 @@ def compare():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", default="/tmp/mamba_venv", help="scratch venv (outside the repository)")
-    parser.add_argument("--install-torch", action="store_true",
-                        help="install torch from scripts/constraints-cpu.txt instead of reusing this env's torch")
+    parser.add_argument(
+        "--install-torch",
+        action="store_true",
+        help="install torch from scripts/constraints-cpu.txt instead of reusing this env's torch",
+    )
     parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)  # internal: run inside the venv
     args = parser.parse_args()
     if args.compare:

@@ -29,10 +29,15 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="default cuda")
     p.add_argument("--dim", type=int, default=2, choices=(2, 3), help="2D (RGB lesions) or 3D (MRI-like volumes)")
     p.add_argument("--size", type=int, default=None, help="image edge in voxels (default 256 in 2D, 128 in 3D)")
-    p.add_argument("--cases", type=int, default=8, help="synthetic training cases, at least 5 (nnU-Net's 5 folds; "
-                   "default 8)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="batch size written into the plans (default 12 in 2D, 2 in 3D, nnU-Net's usual values)")
+    p.add_argument(
+        "--cases", type=int, default=8, help="synthetic training cases, at least 5 (nnU-Net's 5 folds; default 8)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size written into the plans (default 12 in 2D, 2 in 3D, nnU-Net's usual values)",
+    )
     p.add_argument("--iterations", type=int, default=20, help="timed iterations per trainer (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
     p.add_argument("--trainers", nargs="+", default=list(TRAINERS), help=f"default: {' '.join(TRAINERS)}")
@@ -48,12 +53,21 @@ def prepare_dataset(workdir: str, dim: int, size: int, cases: int, batch_size: i
 
     dataset_id = 995
     if dim == 2:
-        write_isic_like_dataset(os.environ["nnUNet_raw"], dataset_id, "DeviceCheck", cases, 0, size, 0,
-                                os.path.join(workdir, "unused_test_labels"))
+        write_isic_like_dataset(
+            os.environ["nnUNet_raw"],
+            dataset_id,
+            "DeviceCheck",
+            cases,
+            0,
+            size,
+            0,
+            os.path.join(workdir, "unused_test_labels"),
+        )
         configuration = "2d"
     else:
-        write_blob_volume_dataset(os.environ["nnUNet_raw"], dataset_id, "DeviceCheck", cases, 0, (size,) * 3, 0,
-                                  spacing_zyx=(1.0, 1.0, 1.0))
+        write_blob_volume_dataset(
+            os.environ["nnUNet_raw"], dataset_id, "DeviceCheck", cases, 0, (size,) * 3, 0, spacing_zyx=(1.0, 1.0, 1.0)
+        )
         configuration = "3d_fullres"
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -110,7 +124,7 @@ def time_trainer(trainer_name: str, dataset_id: int, configuration: str, device,
         "compiled": bool(trainer._do_i_compile()),
         "median_step_s": statistics.median(step_times),
         "min_step_s": min(step_times),
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
         "losses_finite": bool(np.all(np.isfinite(losses))),
         "first_loss": losses[0],
         "last_loss": losses[-1],
@@ -144,21 +158,29 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         dataset_id, configuration = prepare_dataset(workdir, args.dim, size, args.cases, batch_size)
         print(f"dataset ready in {time.perf_counter() - started:.0f} s", flush=True)
-        results = [time_trainer(name, dataset_id, configuration, device, args.warmup, args.iterations)
-                   for name in args.trainers]
+        results = [
+            time_trainer(name, dataset_id, configuration, device, args.warmup, args.iterations)
+            for name in args.trainers
+        ]
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    print(f"\n{configuration}, device {gpu}, torch {torch.__version__}, {args.iterations} timed iterations after "
-          f"{args.warmup} warm-up")
-    print(f"{'trainer':<24}{'network':<16}{'params':>12}{'batch':>7}  {'patch':<16}{'median ms':>10}{'peak GB':>9}"
-          f"  finite  backend")
+    print(
+        f"\n{configuration}, device {gpu}, torch {torch.__version__}, {args.iterations} timed iterations after "
+        f"{args.warmup} warm-up"
+    )
+    print(
+        f"{'trainer':<24}{'network':<16}{'params':>12}{'batch':>7}  {'patch':<16}{'median ms':>10}{'peak GB':>9}"
+        f"  finite  backend"
+    )
     for r in results:
         peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
-        print(f"{r['trainer']:<24}{r['network']:<16}{r['parameters']:>12,}{r['batch_size']:>7}  "
-              f"{'x'.join(map(str, r['patch_size'])):<16}{r['median_step_s'] * 1000:>10.1f}{peak:>9}  "
-              f"{str(r['losses_finite']):<6}  {r['scan_backend'] or '-'}")
+        print(
+            f"{r['trainer']:<24}{r['network']:<16}{r['parameters']:>12,}{r['batch_size']:>7}  "
+            f"{'x'.join(map(str, r['patch_size'])):<16}{r['median_step_s'] * 1000:>10.1f}{peak:>9}  "
+            f"{str(r['losses_finite']):<6}  {r['scan_backend'] or '-'}"
+        )
     by_name = {r["trainer"]: r for r in results}
     if "nnUNetTrainer" in by_name and "nnUNetTrainerHyMUNet" in by_name:
         ratio = by_name["nnUNetTrainerHyMUNet"]["median_step_s"] / by_name["nnUNetTrainer"]["median_step_s"]

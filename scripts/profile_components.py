@@ -84,6 +84,7 @@ def labelled(net, stack: list, shapes: dict = None):
 
     handles = []
     for module, label in components(net).items():
+
         def pre(m, args, label=label):
             stack.append(label)
             if shapes is not None and label not in shapes:
@@ -216,8 +217,14 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", choices=PLANS, default="isic-like-2d")
     parser.add_argument("--batch", type=int, default=None, help="default: the plan's batch size")
     parser.add_argument("--patch", type=int, nargs="+", default=None, help="default: the plan's patch size")
-    parser.add_argument("--variant", nargs="+", action="append", default=None, metavar="NAME KEY=VALUE",
-                        help="a HyMUNet built with these knobs, e.g. --variant deep3 mamba_stages=[5,6,7]")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar="NAME KEY=VALUE",
+        help="a HyMUNet built with these knobs, e.g. --variant deep3 mamba_stages=[5,6,7]",
+    )
     parser.add_argument("--no-time", action="store_true", help="saved bytes only (any load)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -231,14 +238,20 @@ def main(argv=None) -> int:
     variants = [("PlainConvUNet", {}), ("HyMUNet", {})] + [parse_variant(v) for v in (args.variant or [])]
     torch.manual_seed(0)
     x = torch.randn(batch, channels, *patch)
-    print(f"plan {args.plan}, patch {patch}, batch {batch}, threads {args.threads}, load average {os.getloadavg()}",
-          flush=True)
+    print(
+        f"plan {args.plan}, patch {patch}, batch {batch}, threads {args.threads}, load average {os.getloadavg()}",
+        flush=True,
+    )
     report = {}
     for name, knobs in variants:
         net = build(name, knobs, kwargs, channels, classes)
         saved = saved_bytes(net, x)
-        entry = {"knobs": knobs, "saved_bytes": saved, "total_saved_bytes": sum(saved.values()),
-                 "conv_feature_map_size": int(net.compute_conv_feature_map_size(patch)) * batch}
+        entry = {
+            "knobs": knobs,
+            "saved_bytes": saved,
+            "total_saved_bytes": sum(saved.values()),
+            "conv_feature_map_size": int(net.compute_conv_feature_map_size(patch)) * batch,
+        }
         if not args.no_time:
             entry["component_times"] = component_times(net, x, args.repeats)
             entry["step_s"] = step_time(net, x, args.repeats)
@@ -247,13 +260,17 @@ def main(argv=None) -> int:
         print(f"{name} done, load average {os.getloadavg()}", flush=True)
 
     base = report["PlainConvUNet"]
-    print("\n| model | saved for backward (MiB) | ratio | compute_conv_feature_map_size ratio |"
-          + (" train step (s) | ratio |" if not args.no_time else ""))
+    print(
+        "\n| model | saved for backward (MiB) | ratio | compute_conv_feature_map_size ratio |"
+        + (" train step (s) | ratio |" if not args.no_time else "")
+    )
     print("|---|---|---|---|" + ("---|---|" if not args.no_time else ""))
     for name, r in report.items():
-        line = (f"| {name} {r['knobs'] or ''} | {r['total_saved_bytes'] / 2**20:.0f} | "
-                f"{r['total_saved_bytes'] / base['total_saved_bytes']:.3f} | "
-                f"{r['conv_feature_map_size'] / base['conv_feature_map_size']:.3f} |")
+        line = (
+            f"| {name} {r['knobs'] or ''} | {r['total_saved_bytes'] / 2**20:.0f} | "
+            f"{r['total_saved_bytes'] / base['total_saved_bytes']:.3f} | "
+            f"{r['conv_feature_map_size'] / base['conv_feature_map_size']:.3f} |"
+        )
         if not args.no_time:
             line += f" {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} |"
         print(line)
@@ -270,8 +287,9 @@ def main(argv=None) -> int:
             print(line)
     print(f"\nload average at the end {os.getloadavg()}")
     if args.json:
-        atomic_write_text(args.json, json.dumps({"plan": args.plan, "patch": patch, "batch": batch, "results": report},
-                                                indent=1))
+        atomic_write_text(
+            args.json, json.dumps({"plan": args.plan, "patch": patch, "batch": batch, "results": report}, indent=1)
+        )
     return 0
 
 

@@ -36,8 +36,14 @@ def nnunet_env(folders: dict, **extra) -> dict:
     """Environment for nnU-Net subprocesses: our folders, one worker process, no compile, unbuffered output."""
     env = dict(os.environ)
     env.update(folders)
-    env.update({"nnUNet_def_n_proc": "1", "nnUNet_compile": "f", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    env.update(
+        {
+            "nnUNet_def_n_proc": "1",
+            "nnUNet_compile": "f",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+        }
+    )
     env.pop("nnUNet_n_proc_DA", None)  # 0 crashes plan_and_preprocess; training sets it explicitly
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -68,8 +74,9 @@ def fake_preprocessed_dataset(root, monkeypatch, dataset: str):
     (folder / "nnUNetPlans_2d").mkdir(parents=True)
     (folder / "nnUNetPlans_2d" / "case_000.b2nd").write_bytes(b"x")
     (folder / "gt_segmentations").mkdir()
-    (folder / "nnUNetPlans.json").write_text(json.dumps(
-        {"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
+    (folder / "nnUNetPlans.json").write_text(
+        json.dumps({"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}})
+    )
     (folder / "dataset.json").write_text(json.dumps({"file_ending": ".png", "labels": {"background": 0, "x": 1}}))
     raw.mkdir()
     res.mkdir()
@@ -78,27 +85,37 @@ def fake_preprocessed_dataset(root, monkeypatch, dataset: str):
     return root
 
 
-def write_tiny_2d_dataset(raw_root: str, dataset_id: int, num_train: int = 10, num_test: int = 2, size: int = 32,
-                          seed: int = 0) -> str:
+def write_tiny_2d_dataset(
+    raw_root: str, dataset_id: int, num_train: int = 10, num_test: int = 2, size: int = 32, seed: int = 0
+) -> str:
     """RGB PNG ISIC-like images with 0/1 masks; test masks in <dataset>/labelsTs (not read by nnU-Net)."""
     from nnunetv2_hymunet.demo_data import write_isic_like_dataset
 
     name = "Tiny2D"
     folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
-    return write_isic_like_dataset(raw_root, dataset_id, name, num_train, num_test, size, seed,
-                                   os.path.join(folder, "labelsTs"))
+    return write_isic_like_dataset(
+        raw_root, dataset_id, name, num_train, num_test, size, seed, os.path.join(folder, "labelsTs")
+    )
 
 
-def write_tiny_3d_dataset(raw_root: str, dataset_id: int, num_train: int = 8, num_test: int = 1,
-                          shape=(24, 32, 32), seed: int = 0) -> str:
+def write_tiny_3d_dataset(
+    raw_root: str, dataset_id: int, num_train: int = 8, num_test: int = 1, shape=(24, 32, 32), seed: int = 0
+) -> str:
     """Single-channel NIfTI volumes with a bright noisy ellipsoid labelled 1 (spacing 2 x 1 x 1 mm)."""
     from nnunetv2_hymunet.demo_data import write_blob_volume_dataset
 
     return write_blob_volume_dataset(raw_root, dataset_id, "Tiny3D", num_train, num_test, shape, seed)
 
 
-def tiny_plans(dim: int = 2, patch_size=None, n_stages: int = 4, features=(8, 16, 32, 32), batch_size: int = 2,
-               dataset_name: str = "Dataset900_Unit", plans_name: str = "nnUNetPlans") -> dict:
+def tiny_plans(
+    dim: int = 2,
+    patch_size=None,
+    n_stages: int = 4,
+    features=(8, 16, 32, 32),
+    batch_size: int = 2,
+    dataset_name: str = "Dataset900_Unit",
+    plans_name: str = "nnUNetPlans",
+) -> dict:
     """A complete nnU-Net 2.8 plans dict with one PlainConvUNet configuration (`2d` or `3d_fullres`)."""
     patch_size = list(patch_size or ([32, 32] if dim == 2 else [16, 32, 32]))
     strides = [[1] * dim] + [[2] * dim for _ in range(n_stages - 1)]
@@ -124,11 +141,20 @@ def tiny_plans(dim: int = 2, patch_size=None, n_stages: int = 4, features=(8, 16
         "architecture": {
             "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "arch_kwargs": {
-                "n_stages": n_stages, "features_per_stage": list(features[:n_stages]), "conv_op": conv,
-                "kernel_sizes": [[3] * dim] * n_stages, "strides": strides, "n_conv_per_stage": [2] * n_stages,
-                "n_conv_per_stage_decoder": [2] * (n_stages - 1), "conv_bias": True, "norm_op": norm,
-                "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+                "n_stages": n_stages,
+                "features_per_stage": list(features[:n_stages]),
+                "conv_op": conv,
+                "kernel_sizes": [[3] * dim] * n_stages,
+                "strides": strides,
+                "n_conv_per_stage": [2] * n_stages,
+                "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+                "conv_bias": True,
+                "norm_op": norm,
+                "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+                "dropout_op": None,
+                "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU",
+                "nonlin_kwargs": {"inplace": True},
             },
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
         },
@@ -146,14 +172,26 @@ def tiny_plans(dim: int = 2, patch_size=None, n_stages: int = 4, features=(8, 16
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {"max": 1.0, "mean": 0.5, "median": 0.5, "min": 0.0, "percentile_00_5": 0.0,
-                  "percentile_99_5": 1.0, "std": 0.2}},
+            "0": {
+                "max": 1.0,
+                "mean": 0.5,
+                "median": 0.5,
+                "min": 0.0,
+                "percentile_00_5": 0.0,
+                "percentile_99_5": 1.0,
+                "std": 0.2,
+            }
+        },
     }
 
 
 def tiny_dataset_json(labels=None, regions_class_order=None) -> dict:
-    dataset_json = {"channel_names": {"0": "MRI"}, "labels": labels or {"background": 0, "fg": 1},
-                    "numTraining": 4, "file_ending": ".nii.gz"}
+    dataset_json = {
+        "channel_names": {"0": "MRI"},
+        "labels": labels or {"background": 0, "fg": 1},
+        "numTraining": 4,
+        "file_ending": ".nii.gz",
+    }
     if regions_class_order is not None:
         dataset_json["regions_class_order"] = regions_class_order
     return dataset_json
@@ -166,12 +204,16 @@ TINY_3D_ID = 802
 def _plan_tiny_dataset(nnunet_folders, folder: str, dataset_id: int, configuration: str) -> dict:
     """Plan and preprocess one configuration with the stock CLI; the dataset's paths and environment."""
     env = nnunet_env(nnunet_folders)
-    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1", "-npfp", "1"],
-            env)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1", "-npfp", "1"], env)
     name = os.path.basename(folder)
-    return {"id": dataset_id, "name": name, "raw": folder, "env": env,
-            "preprocessed": os.path.join(nnunet_folders["nnUNet_preprocessed"], name),
-            "results": os.path.join(nnunet_folders["nnUNet_results"], name)}
+    return {
+        "id": dataset_id,
+        "name": name,
+        "raw": folder,
+        "env": env,
+        "preprocessed": os.path.join(nnunet_folders["nnUNet_preprocessed"], name),
+        "results": os.path.join(nnunet_folders["nnUNet_results"], name),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,11 @@ def write_planner_inputs(raw_root, preprocessed_folder, plans: dict, dataset_jso
     with open(os.path.join(raw, "dataset.json"), "w") as f:
         json.dump(dataset_json, f)
     n = dataset_json["numTraining"]
-    fingerprint = {"spacings": [plans["original_median_spacing_after_transp"]] * n,
-                   "shapes_after_crop": [plans["original_median_shape_after_transp"]] * n,
-                   "median_relative_size_after_cropping": 1.0,
-                   "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"]}
+    fingerprint = {
+        "spacings": [plans["original_median_spacing_after_transp"]] * n,
+        "shapes_after_crop": [plans["original_median_shape_after_transp"]] * n,
+        "median_relative_size_after_cropping": 1.0,
+        "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
+    }
     with open(os.path.join(str(preprocessed_folder), "dataset_fingerprint.json"), "w") as f:
         json.dump(fingerprint, f)

@@ -40,16 +40,36 @@ def test_run_states_follow_nnunet_result_files(nnunet_folders):
     assert [r.state() for r in runs] == ["done", "validate", "continue", "train"]
     assert runs[1].command("cpu")[-1] == "--val"
     assert runs[2].command("cpu")[-1] == "--c"
-    assert runs[3].command("cpu") == ["nnUNetv2_train", "961", "2d", "3", "-tr", "A", "-p", "nnUNetPlans", "--npz",
-                                      "-device", "cpu"]
+    assert runs[3].command("cpu") == [
+        "nnUNetv2_train",
+        "961",
+        "2d",
+        "3",
+        "-tr",
+        "A",
+        "-p",
+        "nnUNetPlans",
+        "--npz",
+        "-device",
+        "cpu",
+    ]
 
 
 def test_dry_run_lists_only_unfinished_work(nnunet_folders, capsys):
     res = nnunet_folders / "res"
     _fold(res, "nnUNetTrainer_bench", 0, "checkpoint_final.pth", "validation/summary.json")
-    out = run_benchmark(["961"], ["2d"], ["nnUNetTrainer", "nnUNetTrainerHyMUNet:nnUNetResEncUNetMPlans"], [0, 1],
-                        None, device="cpu", short_schedule={"HYMUNET_BENCH_EPOCHS": 2}, num_processes=1, dry_run=True,
-                        log=print)
+    out = run_benchmark(
+        ["961"],
+        ["2d"],
+        ["nnUNetTrainer", "nnUNetTrainerHyMUNet:nnUNetResEncUNetMPlans"],
+        [0, 1],
+        None,
+        device="cpu",
+        short_schedule={"HYMUNET_BENCH_EPOCHS": 2},
+        num_processes=1,
+        dry_run=True,
+        log=print,
+    )
     commands = out["commands"]
     # ResEnc M plans are missing -> planned with the ResEnc M planner; nnUNetPlans are preprocessed already
     assert commands[0].endswith("nnUNetv2_plan_and_preprocess -d 961 -c 2d -pl nnUNetPlannerResEncM -np 1 -npfp 1")
@@ -67,8 +87,17 @@ def test_slurm_script_has_one_task_per_pending_run(nnunet_folders):
     res = nnunet_folders / "res"
     _fold(res, "nnUNetTrainer", 1, "checkpoint_final.pth", "validation/summary.json")
     script = nnunet_folders / "jobs.sh"
-    run_benchmark(["961"], ["2d"], ["nnUNetTrainer"], [0, 1, 2], None, device="cuda", emit_slurm=str(script),
-                  slurm_options={"time_limit": "01:00:00", "gpus": 1, "cpus": 4, "partition": "gpu"}, log=print)
+    run_benchmark(
+        ["961"],
+        ["2d"],
+        ["nnUNetTrainer"],
+        [0, 1, 2],
+        None,
+        device="cuda",
+        emit_slurm=str(script),
+        slurm_options={"time_limit": "01:00:00", "gpus": 1, "cpus": 4, "partition": "gpu"},
+        log=print,
+    )
     text = script.read_text()
     assert "#SBATCH --array=0-1" in text and "#SBATCH --partition=gpu" in text and "#SBATCH --time=01:00:00" in text
     assert text.count("nnUNetv2_train 961 2d") == 2 and "nnUNetv2_train 961 2d 1 " not in text
@@ -91,21 +120,37 @@ def test_bad_arguments_are_named(nnunet_folders):
 
 
 def _fake_metrics(dice_per_case, hd95_per_case, label="lesion"):
-    per_case = [{"case": f"c{i}", "metrics": {label: {"dice": d, "iou": d / (2 - d), "hd95": h, "tp": 1, "fn": 0}}}
-                for i, (d, h) in enumerate(zip(dice_per_case, hd95_per_case))]
+    per_case = [
+        {"case": f"c{i}", "metrics": {label: {"dice": d, "iou": d / (2 - d), "hd95": h, "tp": 1, "fn": 0}}}
+        for i, (d, h) in enumerate(zip(dice_per_case, hd95_per_case))
+    ]
 
     def stats(values):
-        return {"mean": float(np.mean(values)), "median": float(np.median(values)),
-                "std": float(np.std(values, ddof=1)), "n": len(values)}
+        return {
+            "mean": float(np.mean(values)),
+            "median": float(np.median(values)),
+            "std": float(np.std(values, ddof=1)),
+            "n": len(values),
+        }
 
     dice = np.array(dice_per_case)
-    return {"schema_version": 1, "units": "px", "labels": [{"name": label, "values": [1], "region": False}],
-            "metrics": ["dice", "iou", "hd95"], "per_case": per_case,
-            "per_label": {label: {"dice": stats(dice), "iou": stats(dice / (2 - dice)),
-                                  "hd95": stats(hd95_per_case)}},
-            "pooled": {label: {"dice": 0.5, "iou": 0.33}}, "benchmark_folds": [0],
-            "policy": {"both_empty_overlap": 1.0, "hd95_method": "max_directed", "percentile": 95.0,
-                       "ignore_label": None, "fov": False}}
+    return {
+        "schema_version": 1,
+        "units": "px",
+        "labels": [{"name": label, "values": [1], "region": False}],
+        "metrics": ["dice", "iou", "hd95"],
+        "per_case": per_case,
+        "per_label": {label: {"dice": stats(dice), "iou": stats(dice / (2 - dice)), "hd95": stats(hd95_per_case)}},
+        "pooled": {label: {"dice": 0.5, "iou": 0.33}},
+        "benchmark_folds": [0],
+        "policy": {
+            "both_empty_overlap": 1.0,
+            "hd95_method": "max_directed",
+            "percentile": 95.0,
+            "ignore_label": None,
+            "fov": False,
+        },
+    }
 
 
 def test_report_from_fake_evaluated_runs(tmp_path):
@@ -113,8 +158,11 @@ def test_report_from_fake_evaluated_runs(tmp_path):
 
     rng = np.random.default_rng(0)
     base = rng.uniform(0.6, 0.8, 12)
-    runs = {"nnUNetTrainer": base, "nnUNetTrainerHyMUNet": base + 0.05 + rng.uniform(0, 0.01, 12),
-            "nnUNetTrainerHyMUNet_noMamba": base + 0.05 + rng.uniform(-0.01, 0.01, 12)}
+    runs = {
+        "nnUNetTrainer": base,
+        "nnUNetTrainerHyMUNet": base + 0.05 + rng.uniform(0, 0.01, 12),
+        "nnUNetTrainerHyMUNet_noMamba": base + 0.05 + rng.uniform(-0.01, 0.01, 12),
+    }
     models = []
     for name, dice in runs.items():
         folder = tmp_path / "evaluation" / name
@@ -123,13 +171,23 @@ def test_report_from_fake_evaluated_runs(tmp_path):
         (folder / "metrics.json").write_text(json.dumps(metrics))
         models.append({"label": name, "trainer": name, "run_name": name, "plans": "nnUNetPlans", "metrics": metrics})
     comparison = compare_runs([str(tmp_path / "evaluation" / n) for n in runs], str(tmp_path / "comparison"))
-    profile = {"plan": {"patch_size": [32, 32]}, "settings": {"batch_size": 2, "repeats": 3},
-               "machine": {"device": "cpu"},
-               "models": [{"model": n, "parameters": 2e6 * (i + 1), "gflops": 1.5, "step_ms_median": 100.0 + i}
-                          for i, n in enumerate(runs)]}
-    entry = {"dataset": DATASET, "configuration": "2d", "models": models, "comparison": comparison,
-             "profile": profile, "boxplots": [os.path.relpath(tmp_path / "comparison" / "boxplots" / "lesion.png",
-                                                              tmp_path)]}
+    profile = {
+        "plan": {"patch_size": [32, 32]},
+        "settings": {"batch_size": 2, "repeats": 3},
+        "machine": {"device": "cpu"},
+        "models": [
+            {"model": n, "parameters": 2e6 * (i + 1), "gflops": 1.5, "step_ms_median": 100.0 + i}
+            for i, n in enumerate(runs)
+        ],
+    }
+    entry = {
+        "dataset": DATASET,
+        "configuration": "2d",
+        "models": models,
+        "comparison": comparison,
+        "profile": profile,
+        "boxplots": [os.path.relpath(tmp_path / "comparison" / "boxplots" / "lesion.png", tmp_path)],
+    }
     text = "\n".join(dataset_section(entry, "nnUNetTrainer"))
     row = next(line for line in text.splitlines() if line.startswith("| nnUNetTrainerHyMUNet |"))
     assert f"{np.mean(runs['nnUNetTrainerHyMUNet']):.4f} ± {np.std(runs['nnUNetTrainerHyMUNet'], ddof=1):.4f}" in row
@@ -156,8 +214,11 @@ def test_regions_case_is_nested():
 
 def test_make_suite_writes_nnunet_raw_datasets(tmp_path):
     folders = make_suite(str(tmp_path), first_id=981, size="tiny")
-    assert [os.path.basename(f) for f in folders] == ["Dataset981_SynthLesion2D", "Dataset982_SynthRegions3D",
-                                                      "Dataset984_SynthOppositeKey2D"]
+    assert [os.path.basename(f) for f in folders] == [
+        "Dataset981_SynthLesion2D",
+        "Dataset982_SynthRegions3D",
+        "Dataset984_SynthOppositeKey2D",
+    ]
     regions = json.load(open(os.path.join(folders[1], "dataset.json")))
     # the converter's BraTS convention (conversion/brats_labels.py): 1 NCR, 2 ED, 3 ET
     assert regions["regions_class_order"] == [2, 1, 3] and regions["labels"]["tumor core"] == [1, 3]

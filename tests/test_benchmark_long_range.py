@@ -33,14 +33,19 @@ BRIGHT, DARK = 242, 13  # round(0.95 * 255), round(0.05 * 255)
 
 def _nnunet_like_plans(side: int, n_stages: int) -> dict:
     """The 2d plans nnU-Net 2.8 writes for side x side grey PNGs (3x3 convs, strides 1, 2, 2, ..., 2 convs/stage)."""
-    features = [min(32 * 2 ** s, 512) for s in range(n_stages)]
+    features = [min(32 * 2**s, 512) for s in range(n_stages)]
     configuration = _configuration(2, (side, side), 2, (1.0, 1.0), features, 1, "nnUNetPlans_2d")
-    return _plans("Dataset974_SynthOppositeKey2D", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0),
-                  (1, side, side), 1)
+    return _plans(
+        "Dataset974_SynthOppositeKey2D", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0), (1, side, side), 1
+    )
 
 
-DATASET_JSON = {"channel_names": {"0": "grey"}, "labels": {"background": 0, "blob_key_bright": 1, "blob_key_dark": 2},
-                "numTraining": 2, "file_ending": ".png"}
+DATASET_JSON = {
+    "channel_names": {"0": "grey"},
+    "labels": {"background": 0, "blob_key_bright": 1, "blob_key_dark": 2},
+    "numTraining": 2,
+    "file_ending": ".png",
+}
 
 
 @pytest.mark.parametrize("size", ["small", "tiny"])
@@ -156,8 +161,12 @@ def test_write_long_range_plans(preprocessed):
 def test_blob_class_scores():
     reference = np.zeros((6, 6), np.uint8)
     reference[1:4, 1:4] = 2  # 9 blob pixels of class 2
-    assert blob_class_scores(reference, reference) == {"reference_class": 2, "predicted_class": 2, "accuracy": 1.0,
-                                                       "fraction": 1.0}
+    assert blob_class_scores(reference, reference) == {
+        "reference_class": 2,
+        "predicted_class": 2,
+        "accuracy": 1.0,
+        "fraction": 1.0,
+    }
     wrong = blob_class_scores(np.where(reference > 0, 1, 0), reference)
     assert wrong["accuracy"] == 0.0 and wrong["fraction"] == 0.0 and wrong["predicted_class"] == 1
     mostly = reference.copy()

@@ -14,8 +14,12 @@ from nnunetv2_hymunet.errors import HyMUNetError
 def tiny_plan(patch=(32, 32)):
     configuration = _configuration(2, patch, 2, (1.0, 1.0), (4, 8, 16, 16), 1, "tiny_2d")
     plans = _plans("Dataset000_Tiny", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0), (1, *patch), 1)
-    dataset_json = {"channel_names": {"0": "grey"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1,
-                    "file_ending": ".png"}
+    dataset_json = {
+        "channel_names": {"0": "grey"},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": 1,
+        "file_ending": ".png",
+    }
     return ProfilePlan(plans, "2d", dataset_json, "tiny test plan", (40, 48))
 
 
@@ -25,8 +29,17 @@ MODELS = ["nnUNetTrainer", RESENC_M, "nnUNetTrainerHyMUNet", "nnUNetTrainerHyMUN
 @pytest.fixture(scope="module")
 def profile_result():
     # one thread: the CPU is shared with other tests, and oversubscribed threads make tiny ops crawl
-    return profile_models(tiny_plan(), MODELS, device="cpu", repeats=2, warmup=1, native_patch_size=(64, 64),
-                          case_shape=(32, 40), threads=1, log=lambda *a: None)
+    return profile_models(
+        tiny_plan(),
+        MODELS,
+        device="cpu",
+        repeats=2,
+        warmup=1,
+        native_patch_size=(64, 64),
+        case_shape=(32, 40),
+        threads=1,
+        log=lambda *a: None,
+    )
 
 
 def test_every_model_is_profiled(profile_result):
@@ -63,8 +76,11 @@ def test_scan_flops_come_from_the_registered_formula():
 
     mamba = Mamba(d_model=8, d_state=4)
     flops = count_flops(mamba, (2, 10, 8))  # one scan call: batch 2, 10 tokens, with D, z, the step bias, softplus
-    assert flops["scan_analytic"] == selective_scan_flops(2, mamba.d_inner, 10, 4, D=True, z=True, delta_bias=True,
-                                                          delta_softplus=True) == 2 * mamba.d_inner * 10 * (7 * 4 + 10)
+    assert (
+        flops["scan_analytic"]
+        == selective_scan_flops(2, mamba.d_inner, 10, 4, D=True, z=True, delta_bias=True, delta_softplus=True)
+        == 2 * mamba.d_inner * 10 * (7 * 4 + 10)
+    )
     assert flops["counted"] > 0  # the projections, counted by FlopCounterMode as before
 
 

@@ -50,9 +50,11 @@ def test_seeded_copies_of_any_trainer_are_found_by_name():
 
     from nnunetv2_hymunet.training import nnUNetTrainerHyMUNet
 
-    for base, name in ((nnUNetTrainer, "nnUNetTrainer_bench_s7"),
-                       (nnUNetTrainerHyMUNet, "nnUNetTrainerHyMUNet_bench_s0"),
-                       (nnUNetTrainer_5epochs, "nnUNetTrainer_5epochs_bench_s2")):
+    for base, name in (
+        (nnUNetTrainer, "nnUNetTrainer_bench_s7"),
+        (nnUNetTrainerHyMUNet, "nnUNetTrainerHyMUNet_bench_s0"),
+        (nnUNetTrainer_5epochs, "nnUNetTrainer_5epochs_bench_s2"),
+    ):
         cls = getattr(benchmark_trainers, name)
         assert cls.__name__ == name and cls.__mro__[1] is base and cls.bench_seed == int(name.rsplit("_s", 1)[1])
         assert getattr(benchmark_trainers, name) is cls  # one class per name (pickling, a second lookup)
@@ -121,8 +123,17 @@ def test_seeds_get_their_own_result_folders_and_resume(nnunet_folders, capsys):
     interrupted = res / DATASET / "nnUNetTrainerHyMUNet_bench_s2__nnUNetPlans__2d" / "fold_0"
     interrupted.mkdir(parents=True)
     (interrupted / "checkpoint_latest.pth").write_text("x")
-    out = run_benchmark(["962"], ["2d"], ["nnUNetTrainer", "nnUNetTrainerHyMUNet"], [0], None, seeds=[1, 2],
-                        num_processes=1, dry_run=True, log=print)
+    out = run_benchmark(
+        ["962"],
+        ["2d"],
+        ["nnUNetTrainer", "nnUNetTrainerHyMUNet"],
+        [0],
+        None,
+        seeds=[1, 2],
+        num_processes=1,
+        dry_run=True,
+        log=print,
+    )
     train = [c for c in out["commands"] if "nnUNetv2_train" in c]
     assert len(train) == 3  # seed 1 of nnUNetTrainer is finished: never retrained
     assert not any("-tr nnUNetTrainer_bench_s1 " in c for c in train)
@@ -154,8 +165,9 @@ def test_unknown_trainers_and_folds_are_refused_naming_the_flag(nnunet_folders, 
     # through the CLI: exit 1, one line naming the flag, nothing printed to stdout
     assert main(["benchmark", "run", "-d", "962", "-tr", "nnUNetTrainer", "-f", "7", "--dry-run"]) == 1
     captured = capsys.readouterr()
-    assert "-f 7" in captured.err and len(captured.err.strip().splitlines()) == 1 and "nnUNetv2_train" not in \
-        captured.out
+    assert (
+        "-f 7" in captured.err and len(captured.err.strip().splitlines()) == 1 and "nnUNetv2_train" not in captured.out
+    )
 
 
 def test_bad_schedule_environment_is_refused_before_training(nnunet_folders, monkeypatch):
@@ -196,19 +208,29 @@ def test_long_range_plans_are_derived_after_planning(nnunet_folders):
 
 def _metrics(dice: dict, label="x", blob=None) -> dict:
     """A metrics.json of the evaluation for cases {case: dice} (what evaluate_model returns)."""
+
     def stats(values):
-        return {"mean": float(np.mean(values)), "median": float(np.median(values)),
-                "std": float(np.std(values, ddof=1)), "n": len(values)}
+        return {
+            "mean": float(np.mean(values)),
+            "median": float(np.median(values)),
+            "std": float(np.std(values, ddof=1)),
+            "n": len(values),
+        }
 
     values = np.array(list(dice.values()))
-    metrics = {"units": "px", "labels": [{"name": label, "values": [1]}], "benchmark_folds": [0],
-               "per_case": [{"case": c, "metrics": {label: {"dice": d, "hd95": 10 * (1 - d)}}}
-                            for c, d in dice.items()],
-               "per_label": {label: {"dice": stats(values), "hd95": stats(10 * (1 - values)),
-                                     "iou": stats(values / 2)}}}
+    metrics = {
+        "units": "px",
+        "labels": [{"name": label, "values": [1]}],
+        "benchmark_folds": [0],
+        "per_case": [{"case": c, "metrics": {label: {"dice": d, "hd95": 10 * (1 - d)}}} for c, d in dice.items()],
+        "per_label": {label: {"dice": stats(values), "hd95": stats(10 * (1 - values)), "iou": stats(values / 2)}},
+    }
     if blob is not None:
-        metrics["blob_class"] = {"accuracy": float(np.mean(list(blob.values()))), "fraction": 0.5,
-                                 "per_case": [{"case": c, "accuracy": a, "fraction": 0.5} for c, a in blob.items()]}
+        metrics["blob_class"] = {
+            "accuracy": float(np.mean(list(blob.values()))),
+            "fraction": 0.5,
+            "per_case": [{"case": c, "accuracy": a, "fraction": 0.5} for c, a in blob.items()],
+        }
     return metrics
 
 
@@ -219,13 +241,18 @@ def _seeded_models(shift_full: float, seed_count=3, cases=8, blob=False):
     for seed in range(seed_count):
         base = rng.uniform(0.5, 0.7, cases)
         noise = rng.uniform(-0.002, 0.002, cases)
-        dice = {"nnUNetTrainer": base, "nnUNetTrainerHyMUNet_noMamba": base + 0.1,
-                "nnUNetTrainerHyMUNet": base + 0.1 + shift_full + noise}
+        dice = {
+            "nnUNetTrainer": base,
+            "nnUNetTrainerHyMUNet_noMamba": base + 0.1,
+            "nnUNetTrainerHyMUNet": base + 0.1 + shift_full + noise,
+        }
         for name in models:
             accuracy = {f"c{i}": float(dice[name][i] > 0.65) for i in range(cases)} if blob else None
             models[name][seed] = _metrics({f"c{i}": float(v) for i, v in enumerate(dice[name])}, blob=accuracy)
-    return [{"label": name, "trainer": bench_trainer_name(name, 0), "plans": "nnUNetPlans", "seeds": seeds}
-            for name, seeds in models.items()]
+    return [
+        {"label": name, "trainer": bench_trainer_name(name, 0), "plans": "nnUNetPlans", "seeds": seeds}
+        for name, seeds in models.items()
+    ]
 
 
 def test_verdict():
@@ -235,12 +262,15 @@ def test_verdict():
     assert verdict(5.0, 7.0, 0.01, higher_is_better=False) == "helped (significant)"
 
 
-@pytest.mark.parametrize("shift, expected", [(0.05, "helped (significant)"), (-0.05, "hurt (significant)"),
-                                             (0.0, "made no significant difference")])
+@pytest.mark.parametrize(
+    "shift, expected",
+    [(0.05, "helped (significant)"), (-0.05, "hurt (significant)"), (0.0, "made no significant difference")],
+)
 def test_seeded_report_verdicts_follow_the_known_direction(shift, expected):
     models = _seeded_models(shift, blob=True)
-    text = "\n".join(seeded_dataset_section({"dataset": DATASET, "configuration": "2d", "models": models},
-                                            "nnUNetTrainer"))
+    text = "\n".join(
+        seeded_dataset_section({"dataset": DATASET, "configuration": "2d", "models": models}, "nnUNetTrainer")
+    )
     finding = next(line for line in text.splitlines() if line.startswith("- x: mean Dice: the Mamba layers"))
     assert expected in finding and "Wilcoxon over 24 (seed, case) pairs" in finding
     assert "### Blob-class accuracy" in text and "blob-class accuracy: the Mamba layers" in text
@@ -248,8 +278,9 @@ def test_seeded_report_verdicts_follow_the_known_direction(shift, expected):
 
 def test_seeded_report_numbers():
     models = _seeded_models(0.05)
-    text = "\n".join(seeded_dataset_section({"dataset": DATASET, "configuration": "2d", "models": models},
-                                            "nnUNetTrainer"))
+    text = "\n".join(
+        seeded_dataset_section({"dataset": DATASET, "configuration": "2d", "models": models}, "nnUNetTrainer")
+    )
     hym = models[1]
     per_seed = [np.mean([c["metrics"]["x"]["dice"] for c in m["per_case"]]) for m in hym["seeds"].values()]
     row = next(line for line in text.splitlines() if line.startswith("| nnUNetTrainerHyMUNet |"))
@@ -262,21 +293,32 @@ def test_seeded_report_numbers():
     assert "pairs (seed, case)" in text and "mean ± sample sd across seeds of the per-seed case means" in text
 
 
-@pytest.mark.parametrize("shift, expected", [(0.05, "helped (significant)"), (-0.05, "hurt (significant)"),
-                                             (0.0, "made no significant difference")])
+@pytest.mark.parametrize(
+    "shift, expected",
+    [(0.05, "helped (significant)"), (-0.05, "hurt (significant)"), (0.0, "made no significant difference")],
+)
 def test_single_run_verdicts_follow_the_known_direction(shift, expected):
     """The one-seed report's ablation sentences, from tests in compare_runs' format (its paired_test)."""
     from itertools import combinations
 
     from nnunetv2_hymunet.evaluation.compare import paired_test
 
-    models = [{"label": m["label"], "trainer": m["label"], "run_name": m["label"], "plans": "nnUNetPlans",
-               "metrics": m["seeds"][0]} for m in _seeded_models(shift, seed_count=1, cases=12)]
+    models = [
+        {
+            "label": m["label"],
+            "trainer": m["label"],
+            "run_name": m["label"],
+            "plans": "nnUNetPlans",
+            "metrics": m["seeds"][0],
+        }
+        for m in _seeded_models(shift, seed_count=1, cases=12)
+    ]
     tests = []
     for a, b in combinations(models, 2):
         values = [np.array([c["metrics"]["x"]["dice"] for c in m["metrics"]["per_case"]]) for m in (a, b)]
-        tests.append({"label": "x", "metric": "dice", "run_a": a["run_name"], "run_b": b["run_name"],
-                      **paired_test(*values)})
+        tests.append(
+            {"label": "x", "metric": "dice", "run_a": a["run_name"], "run_b": b["run_name"], **paired_test(*values)}
+        )
     entry = {"dataset": DATASET, "configuration": "2d", "models": models, "comparison": {"tests": tests}}
     findings = ablation_findings(entry, tests)
     assert len(findings) == 4 and "the Mamba layers" in findings[2] and expected in findings[2]
@@ -297,19 +339,35 @@ def test_run_summary_is_small(nnunet_folders):
     run = runner.plan_runs(["962"], ["2d"], [runner.Model("nnUNetTrainerHyMUNet")], [0], True, seeds=[3])[0]
     fold = _finish(nnunet_folders / "res", run.trained_trainer, 0)
     epochs = 300
-    torch.save({"logging": {"train_losses": list(np.linspace(1, 0.1, epochs)), "val_losses": [0.5] * epochs,
-                            "ema_fg_dice": [0.8] * epochs, "epoch_start_timestamps": list(range(epochs)),
-                            "epoch_end_timestamps": [t + 2.5 for t in range(epochs)]}}, fold / "checkpoint_final.pth")
+    torch.save(
+        {
+            "logging": {
+                "train_losses": list(np.linspace(1, 0.1, epochs)),
+                "val_losses": [0.5] * epochs,
+                "ema_fg_dice": [0.8] * epochs,
+                "epoch_start_timestamps": list(range(epochs)),
+                "epoch_end_timestamps": [t + 2.5 for t in range(epochs)],
+            }
+        },
+        fold / "checkpoint_final.pth",
+    )
     label = np.zeros((16, 16), np.uint8)
     label[4:8, 4:8] = 2
     cases = [f"case_{i:03d}" for i in range(12)]
     for case in cases:
         Image.fromarray(label).save(pre / "gt_segmentations" / f"{case}.png")
         Image.fromarray(label).save(fold / "validation" / f"{case}.png")
-    (fold / "validation" / "summary.json").write_text(json.dumps(
-        {"foreground_mean": {"Dice": 0.9},
-         "metric_per_case": [{"reference_file": f"/x/{c}.png", "metrics": {"1": {"Dice": 0.5}, "2": {"Dice": 1.0}}}
-                             for c in cases]}))
+    (fold / "validation" / "summary.json").write_text(
+        json.dumps(
+            {
+                "foreground_mean": {"Dice": 0.9},
+                "metric_per_case": [
+                    {"reference_file": f"/x/{c}.png", "metrics": {"1": {"Dice": 0.5}, "2": {"Dice": 1.0}}}
+                    for c in cases
+                ],
+            }
+        )
+    )
     out = nnunet_folders / "out"
     write_run_summary(run, str(out))
     path = summary_path(run, str(out))

@@ -7,10 +7,29 @@ import pytest
 from nnunetv2_hymunet.cli import build_parser
 
 # nnU-Net's short flags and the one long name each has in hymunet
-VOCABULARY = {"-d": "--dataset", "-i": "--input", "-o": "--output", "-c": "--configuration", "-tr": "--trainers",
-              "-f": "--folds", "-p": "--plans", "-np": "--num-processes"}
-RETIRED = {"--dataset-id", "--num-workers", "--workers", "--ref", "--pred", "--models", "--plans-name",
-           "--configurations", "--trainer", "--fold", "--dataset-name"}
+VOCABULARY = {
+    "-d": "--dataset",
+    "-i": "--input",
+    "-o": "--output",
+    "-c": "--configuration",
+    "-tr": "--trainers",
+    "-f": "--folds",
+    "-p": "--plans",
+    "-np": "--num-processes",
+}
+RETIRED = {
+    "--dataset-id",
+    "--num-workers",
+    "--workers",
+    "--ref",
+    "--pred",
+    "--models",
+    "--plans-name",
+    "--configurations",
+    "--trainer",
+    "--fold",
+    "--dataset-name",
+}
 # subcommand -> flags it must take
 REQUIRED = {
     "plan": {"-d", "-c", "-p"},
@@ -58,8 +77,9 @@ def test_each_meaning_has_one_short_and_one_long_spelling(name):
         for short, long in VOCABULARY.items():
             if short in flags or long in flags:
                 assert {short, long} <= flags, f"hymunet {name}: {sorted(flags)} must be spelled {short}/{long}"
-                assert action.dest.replace("_", "-") in (long[2:], long[2:] + "s", "configurations"), \
+                assert action.dest.replace("_", "-") in (long[2:], long[2:] + "s", "configurations"), (
                     f"hymunet {name}: {long} stored as {action.dest}"
+                )
         # every other short flag is a single letter that nnU-Net does not use for something else
         for flag in flags:
             if not flag.startswith("--"):
@@ -86,11 +106,17 @@ def test_evaluate_mirrors_nnunet_evaluate_folder():
     positionals = [a.dest for a in parser._actions if not a.option_strings]
     assert positionals == ["ref", "pred"]  # nnUNetv2_evaluate_folder gt_folder pred_folder
     args = parser.parse_args(["REF", "PRED", "-o", "OUT", "-djfile", "d.json", "-np", "3"])
-    assert (args.ref, args.pred, args.output, args.dataset_json, args.num_processes) == ("REF", "PRED", "OUT",
-                                                                                          "d.json", 3)
+    assert (args.ref, args.pred, args.output, args.dataset_json, args.num_processes) == (
+        "REF",
+        "PRED",
+        "OUT",
+        "d.json",
+        3,
+    )
 
 
 def test_benchmark_run_takes_several_datasets_and_folds():
-    args = SUBCOMMANDS["benchmark run"].parse_args(["-d", "971", "Dataset972_X", "-c", "2d", "-tr", "nnUNetTrainer",
-                                                     "-f", "0", "1", "-np", "2", "-o", "out"])
+    args = SUBCOMMANDS["benchmark run"].parse_args(
+        ["-d", "971", "Dataset972_X", "-c", "2d", "-tr", "nnUNetTrainer", "-f", "0", "1", "-np", "2", "-o", "out"]
+    )
     assert args.dataset == ["971", "Dataset972_X"] and args.folds == [0, 1] and args.num_processes == 2

@@ -24,15 +24,41 @@ def write_run(folder, values: dict, order: list, ref_voxels: dict) -> str:
         tp = min(ref_voxels[case], 10)
         metrics = {m: float(values[case].get(m, 0.5)) for m in METRICS}
         counts = {"tp": tp, "fp": 3, "fn": ref_voxels[case] - tp, "tn": N_VOXELS - ref_voxels[case] - 3}
-        per_case.append({"case": case, "ref_file": f"/ref/{case}.png", "pred_file": f"/pred/{case}.png",
-                         "fov_file": None, "npz_file": None, "shape": [1, 20, 20], "spacing": [999.0, 1.0, 1.0],
-                         "n_voxels": N_VOXELS, "metrics": {"1": {**metrics, **counts}}})
-    run = {"schema_version": 1, "ref_dir": "/ref", "pred_dir": f"/pred/{folder.name}", "fov_dir": None,
-           "dataset_json": None, "file_ending": ".png", "units": "px", "spacing_source": "files",
-           "policy": {**policy.as_dict(), "hd95_method": "max_directed", "percentile": 95.0, "ignore_label": None,
-                      "fov": False},
-           "labels": [{"name": "1", "values": [1], "region": False, "channel": 1}], "warnings": [],
-           "metrics": list(METRICS), "per_case": per_case, **summarize(per_case, ["1"], list(METRICS), policy)}
+        per_case.append(
+            {
+                "case": case,
+                "ref_file": f"/ref/{case}.png",
+                "pred_file": f"/pred/{case}.png",
+                "fov_file": None,
+                "npz_file": None,
+                "shape": [1, 20, 20],
+                "spacing": [999.0, 1.0, 1.0],
+                "n_voxels": N_VOXELS,
+                "metrics": {"1": {**metrics, **counts}},
+            }
+        )
+    run = {
+        "schema_version": 1,
+        "ref_dir": "/ref",
+        "pred_dir": f"/pred/{folder.name}",
+        "fov_dir": None,
+        "dataset_json": None,
+        "file_ending": ".png",
+        "units": "px",
+        "spacing_source": "files",
+        "policy": {
+            **policy.as_dict(),
+            "hd95_method": "max_directed",
+            "percentile": 95.0,
+            "ignore_label": None,
+            "fov": False,
+        },
+        "labels": [{"name": "1", "values": [1], "region": False, "channel": 1}],
+        "warnings": [],
+        "metrics": list(METRICS),
+        "per_case": per_case,
+        **summarize(per_case, ["1"], list(METRICS), policy),
+    }
     # json writes NaN / Infinity tokens, as evaluate does
     (folder / "metrics.json").write_text(json.dumps(run))
     return str(folder)

@@ -33,8 +33,9 @@ def verify_with_nnunet(folder, monkeypatch):
 
 
 def tree_files(root):
-    return sorted(os.path.relpath(p, root) for p in glob(os.path.join(root, "**", "*"), recursive=True)
-                  if os.path.isfile(p))
+    return sorted(
+        os.path.relpath(p, root) for p in glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p)
+    )
 
 
 def assert_byte_identical(a, b):
@@ -48,8 +49,9 @@ def assert_byte_identical(a, b):
 
 @pytest.fixture(scope="module")
 def isic_release(tmp_path_factory):
-    return fake_releases.make_fake_isic2018(str(tmp_path_factory.mktemp("isic") / "release"), num_cases=5,
-                                            seed=1, image_size=40)
+    return fake_releases.make_fake_isic2018(
+        str(tmp_path_factory.mktemp("isic") / "release"), num_cases=5, seed=1, image_size=40
+    )
 
 
 def test_make_isic_like_case_is_fast_plain_and_sane():
@@ -112,8 +114,20 @@ def test_isic_split_file_csv_goes_to_preprocessed(isic_release, tmp_path, monkey
     # header, bare numeric ids and a comment are all accepted
     split_csv.write_text("id,fold\n" + "".join(f"{i[5:]},{k % 2}  # fold\n" for k, i in enumerate(ids)))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    code = main(["convert", "isic2018", "-i", isic_release, "-d", "13", "-o", str(tmp_path / "raw"),
-                 "--split-file", str(split_csv)])
+    code = main(
+        [
+            "convert",
+            "isic2018",
+            "-i",
+            isic_release,
+            "-d",
+            "13",
+            "-o",
+            str(tmp_path / "raw"),
+            "--split-file",
+            str(split_csv),
+        ]
+    )
     assert code == 0
     splits = json.load(open(tmp_path / "pre" / "Dataset013_ISIC2018" / "splits_final.json"))
     assert [sorted(f["val"]) for f in splits] == [ids[0::2], ids[1::2]]
@@ -149,14 +163,16 @@ def test_isic_split_file_that_misses_a_case_is_rejected(isic_release, tmp_path):
 
 @pytest.fixture(scope="module")
 def drive_release(tmp_path_factory):
-    return fake_releases.make_fake_drive(str(tmp_path_factory.mktemp("drive") / "release"), num_cases=3, seed=2,
-                                         scale=0.1)
+    return fake_releases.make_fake_drive(
+        str(tmp_path_factory.mktemp("drive") / "release"), num_cases=3, seed=2, scale=0.1
+    )
 
 
 @pytest.fixture(scope="module")
 def drive_release_with_test_manual(tmp_path_factory):
-    return fake_releases.make_fake_drive(str(tmp_path_factory.mktemp("drive_m") / "release"), num_cases=2, seed=3,
-                                         scale=0.1, with_test_manual=True)
+    return fake_releases.make_fake_drive(
+        str(tmp_path_factory.mktemp("drive_m") / "release"), num_cases=2, seed=3, scale=0.1, with_test_manual=True
+    )
 
 
 def _gif(path):
@@ -167,7 +183,10 @@ def test_fake_drive_matches_the_current_download(drive_release):
     assert sorted(os.listdir(os.path.join(drive_release, "training"))) == ["1st_manual", "images", "mask"]
     assert sorted(os.listdir(os.path.join(drive_release, "test"))) == ["images", "mask"]
     assert sorted(os.listdir(os.path.join(drive_release, "test", "images"))) == [
-        "01_test.tif", "02_test.tif", "03_test.tif"]
+        "01_test.tif",
+        "02_test.tif",
+        "03_test.tif",
+    ]
     # the GIF trap: Pillow opens them as palette images; converted to L they are 2-D 0/255
     gif = os.path.join(drive_release, "training", "1st_manual", "21_manual1.gif")
     assert Image.open(gif).mode == "P"
@@ -189,8 +208,9 @@ def test_drive_plain_round_trip(drive_release, tmp_path, monkeypatch):
     fov = np.asarray(Image.open(os.path.join(target, "fovTs", "DRIVE_02.png")))
     assert np.array_equal(fov, (_gif(os.path.join(drive_release, "test", "mask", "02_test_mask.gif")) >= 128))
     image = np.asarray(Image.open(os.path.join(target, "imagesTr", "DRIVE_22_0000.png")))
-    assert np.array_equal(image, np.asarray(Image.open(os.path.join(drive_release, "training", "images",
-                                                                    "22_training.tif"))))
+    assert np.array_equal(
+        image, np.asarray(Image.open(os.path.join(drive_release, "training", "images", "22_training.tif")))
+    )
 
 
 def test_drive_ignore_mode_with_test_manual(drive_release_with_test_manual, tmp_path, monkeypatch):
@@ -219,8 +239,9 @@ RELEASE_LABEL_MAP = {"2021": {1: 1, 2: 2, 4: 3}, "2023": {1: 1, 2: 2, 3: 3}}
 @pytest.fixture(scope="module", params=["2021", "2023"])
 def brats_release(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(f"brats{request.param}") / "release")
-    fake_releases.make_fake_brats(path, release=request.param, num_cases=3, seed=4, shape=(14, 16, 12),
-                                  num_unlabelled=1)
+    fake_releases.make_fake_brats(
+        path, release=request.param, num_cases=3, seed=4, shape=(14, 16, 12), num_unlabelled=1
+    )
     return request.param, path
 
 
@@ -254,8 +275,11 @@ def test_brats_round_trip_geometry_and_labels(brats_release, tmp_path, monkeypat
         suffixes = ("t1", "t1ce", "t2", "flair") if year == "2021" else ("t1n", "t1c", "t2w", "t2f")
         separator = "_" if year == "2021" else "-"
         for channel, suffix in enumerate(suffixes):
-            assert filecmp.cmp(os.path.join(os.path.dirname(seg_path), f"{case_id}{separator}{suffix}.nii.gz"),
-                               os.path.join(target, "imagesTr", f"{case_id}_{channel:04d}.nii.gz"), shallow=False)
+            assert filecmp.cmp(
+                os.path.join(os.path.dirname(seg_path), f"{case_id}{separator}{suffix}.nii.gz"),
+                os.path.join(target, "imagesTr", f"{case_id}_{channel:04d}.nii.gz"),
+                shallow=False,
+            )
 
 
 def _regions_to_segmentation(labels, dataset_json, regions_class_order):
@@ -285,8 +309,10 @@ def test_brats_regions_and_back_conversion_reproduce_release_labels(brats_releas
         assert np.array_equal(predicted, labels)
         # the naive order paints NCR and ED the wrong way round: the check above can fail
         swapped_somewhere |= not np.array_equal(_regions_to_segmentation(labels, dataset, [1, 2, 3]), labels)
-        nibabel.save(nibabel.Nifti1Image(predicted.astype(np.uint8), label_image.affine, label_image.header),
-                     str(predictions / f"{case_id}.nii.gz"))
+        nibabel.save(
+            nibabel.Nifti1Image(predicted.astype(np.uint8), label_image.affine, label_image.header),
+            str(predictions / f"{case_id}.nii.gz"),
+        )
     (predictions / "dataset.json").write_text("{}")  # nnU-Net writes these next to predictions; they are skipped
     assert {1, 2, 3} <= seen_labels and swapped_somewhere
 
@@ -310,17 +336,52 @@ def test_brats_parallel_output_is_byte_identical(brats_release, tmp_path):
 
 
 def test_make_fake_cli_writes_each_layout(tmp_path):
-    assert main(["convert", "make-fake", "brats", "-o", str(tmp_path / "b"), "--release", "2023", "--num-cases", "1",
-                 "--shape", "8,9,10", "--num-unlabelled", "0"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "make-fake",
+                "brats",
+                "-o",
+                str(tmp_path / "b"),
+                "--release",
+                "2023",
+                "--num-cases",
+                "1",
+                "--shape",
+                "8,9,10",
+                "--num-unlabelled",
+                "0",
+            ]
+        )
+        == 0
+    )
     case = tmp_path / "b" / "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData" / "BraTS-GLI-00000-000"
     assert sorted(os.listdir(case)) == [f"BraTS-GLI-00000-000-{s}.nii.gz" for s in ("seg", "t1c", "t1n", "t2f", "t2w")]
     assert nibabel.load(str(case / "BraTS-GLI-00000-000-seg.nii.gz")).shape == (8, 9, 10)
-    assert main(["convert", "make-fake", "isic2018", "-o", str(tmp_path / "i"), "--num-cases", "2", "--image-size",
-                 "24"]) == 0
+    assert (
+        main(["convert", "make-fake", "isic2018", "-o", str(tmp_path / "i"), "--num-cases", "2", "--image-size", "24"])
+        == 0
+    )
     truth = tmp_path / "i" / "ISIC2018_Task1_Training_GroundTruth"
     assert {"ATTRIBUTION.txt", "LICENSE.txt"} <= set(os.listdir(truth))
-    assert main(["convert", "make-fake", "drive", "-o", str(tmp_path / "d"), "--num-cases", "1", "--scale", "0.06",
-                 "--with-test-manual"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "make-fake",
+                "drive",
+                "-o",
+                str(tmp_path / "d"),
+                "--num-cases",
+                "1",
+                "--scale",
+                "0.06",
+                "--with-test-manual",
+            ]
+        )
+        == 0
+    )
     assert os.listdir(tmp_path / "d" / "test" / "1st_manual") == ["01_manual1.gif"]
     # a non-empty folder is refused
     assert main(["convert", "make-fake", "drive", "-o", str(tmp_path / "d")]) == 1

@@ -30,8 +30,14 @@ def assert_nothing_written(raw):
 
 @pytest.fixture(scope="module")
 def isic_template(tmp_path_factory):
-    return fake_releases.make_fake_isic2018(str(tmp_path_factory.mktemp("isic") / "release"), num_cases=6, seed=5,
-                                            image_size=32, num_validation=0, num_test=0)
+    return fake_releases.make_fake_isic2018(
+        str(tmp_path_factory.mktemp("isic") / "release"),
+        num_cases=6,
+        seed=5,
+        image_size=32,
+        num_validation=0,
+        num_test=0,
+    )
 
 
 @pytest.fixture
@@ -79,8 +85,12 @@ def test_console_script_reports_bad_input(bad_isic, tmp_path):
     release, bad = bad_isic
     raw = tmp_path / "raw"
     raw.mkdir()
-    result = subprocess.run([HYMUNET, "convert", "isic2018", "--input", release, "--dataset", "41",
-                             "--output", str(raw)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [HYMUNET, "convert", "isic2018", "--input", release, "--dataset", "41", "--output", str(raw)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert bad["truncated jpeg"] in result.stderr and "Traceback" not in result.stderr
     assert_nothing_written(raw)
@@ -93,8 +103,7 @@ def test_missing_output_and_bad_arguments_are_reported(isic_template, tmp_path, 
     assert code == 1 and "--output" in err and "nnUNet_raw" in err
     code, err = run_cli(["convert", "isic2018", "-i", isic_template, "-d", "1000", "-o", str(tmp_path)], capsys)
     assert code == 1 and "-d '1000'" in err
-    code, err = run_cli(["convert", "isic2018", "-i", str(tmp_path / "nope"), "-d", "42", "-o", str(tmp_path)],
-                        capsys)
+    code, err = run_cli(["convert", "isic2018", "-i", str(tmp_path / "nope"), "-d", "42", "-o", str(tmp_path)], capsys)
     assert code == 1 and str(tmp_path / "nope") in err
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "env_raw"))
     assert main(["convert", "isic2018", "-i", isic_template, "-d", "42"]) == 0
@@ -111,8 +120,7 @@ def test_existing_dataset_id_needs_overwrite(isic_template, tmp_path, capsys):
     assert (old / "keep.txt").read_text() == "old"
     assert sorted(os.listdir(raw)) == ["Dataset043_SomethingElse"]
     # --overwrite replaces only what hymunet wrote: a foreign dataset with the same id stays
-    code, err = run_cli(["convert", "isic2018", "-i", isic_template, "-d", "43", "-o", str(raw), "--overwrite"],
-                        capsys)
+    code, err = run_cli(["convert", "isic2018", "-i", isic_template, "-d", "43", "-o", str(raw), "--overwrite"], capsys)
     assert code == 1 and "Dataset043_SomethingElse" in err and "not written by hymunet" in err
     assert (old / "keep.txt").read_text() == "old" and sorted(os.listdir(raw)) == ["Dataset043_SomethingElse"]
     shutil.rmtree(old)
@@ -133,8 +141,9 @@ def test_failed_overwrite_keeps_the_old_dataset(bad_isic, isic_template, tmp_pat
 
 @pytest.fixture(scope="module")
 def drive_template(tmp_path_factory):
-    return fake_releases.make_fake_drive(str(tmp_path_factory.mktemp("drive") / "release"), num_cases=3, seed=6,
-                                         scale=0.08)
+    return fake_releases.make_fake_drive(
+        str(tmp_path_factory.mktemp("drive") / "release"), num_cases=3, seed=6, scale=0.08
+    )
 
 
 def test_drive_bad_files(drive_template, tmp_path, capsys):
@@ -159,8 +168,7 @@ def test_drive_bad_files(drive_template, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def brats_template(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("brats") / "release")
-    return fake_releases.make_fake_brats(path, release="2021", num_cases=4, seed=7, shape=(10, 11, 9),
-                                         num_unlabelled=0)
+    return fake_releases.make_fake_brats(path, release="2021", num_cases=4, seed=7, shape=(10, 11, 9), num_unlabelled=0)
 
 
 def test_brats_bad_files(brats_template, tmp_path, capsys):
@@ -191,8 +199,9 @@ def test_brats_bad_files(brats_template, tmp_path, capsys):
 
 
 def test_brats_release_mismatch_and_mixed_naming(brats_template, tmp_path, capsys):
-    code, err = run_cli(["convert", "brats", "-i", brats_template, "-d", "61", "-o", str(tmp_path / "raw"),
-                         "--release", "2023"], capsys)
+    code, err = run_cli(
+        ["convert", "brats", "-i", brats_template, "-d", "61", "-o", str(tmp_path / "raw"), "--release", "2023"], capsys
+    )
     assert code == 1 and "2021" in err
     mixed = tmp_path / "mixed"
     shutil.copytree(brats_template, mixed)
@@ -213,7 +222,6 @@ def test_brats_back_rejects_labels_outside_the_dataset_space(tmp_path, capsys):
     bad_path = str(predictions / "BraTS2021_00002.nii.gz")
     nibabel.save(nibabel.Nifti1Image(bad, np.eye(4)), bad_path)
     out = tmp_path / "out"
-    code, err = run_cli(["convert", "brats-back", "-i", str(predictions), "-o", str(out), "--release", "2021"],
-                        capsys)
+    code, err = run_cli(["convert", "brats-back", "-i", str(predictions), "-o", str(out), "--release", "2021"], capsys)
     assert code == 1 and bad_path in err and "BraTS2021_00001" not in err
     assert not out.exists() and os.listdir(tmp_path) == ["pred"]

@@ -41,7 +41,8 @@ def test_nnunet_finds_ours_theirs_and_a_users_trainer(tmp_path):
     user_folder.mkdir()
     (user_folder / "my_trainer_module.py").write_text(
         "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
-        "class nnUNetTrainerMine(nnUNetTrainer):\n    pass\n")
+        "class nnUNetTrainerMine(nnUNetTrainer):\n    pass\n"
+    )
     code = (
         "from nnunetv2_hymunet.training.discovery import find_trainer\n"
         "for name in ('nnUNetTrainerHyMUNet', 'nnUNetTrainerHyMUNet_noMGF', 'nnUNetTrainer_5epochs',"
@@ -63,8 +64,13 @@ def test_ext_folder_holds_only_the_shim():
 
 
 def test_doctor_reports_discovery():
-    out = subprocess.run([str(Path(sys.executable).parent / "hymunet"), "doctor"], capture_output=True, text=True,
-                         timeout=300, env={k: v for k, v in os.environ.items() if k != ENV_VAR})
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "hymunet"), "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != ENV_VAR},
+    )
     assert out.returncode == 0, out.stderr
     assert "start-up hook active" in out.stdout
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("nnU-Net finds nnUNetTrainerHyMUNet"))

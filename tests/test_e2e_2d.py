@@ -22,8 +22,7 @@ pytestmark = pytest.mark.slow
 
 TRAINER = "nnUNetTrainerHyMUNet_demo"
 # 2 epochs of 2 iterations, a checkpoint after every epoch: interrupted after epoch 0, resumed for epoch 1
-SCHEDULE = {"HYMUNET_EPOCHS": "2", "HYMUNET_ITERATIONS": "2", "HYMUNET_VAL_ITERATIONS": "1",
-            "HYMUNET_SAVE_EVERY": "1"}
+SCHEDULE = {"HYMUNET_EPOCHS": "2", "HYMUNET_ITERATIONS": "2", "HYMUNET_VAL_ITERATIONS": "1", "HYMUNET_SAVE_EVERY": "1"}
 EPOCH_LINE = re.compile(r": Epoch (\d+)\s*$")
 
 
@@ -42,8 +41,9 @@ def resumed_training(planned_tiny_2d):
     env = dict(dataset["env"], nnUNet_n_proc_DA="0", **SCHEDULE)
     model = os.path.join(dataset["results"], f"{TRAINER}__nnUNetPlans__2d")
     fold = os.path.join(model, "fold_0")
-    proc = subprocess.Popen(_train_command(dataset), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        _train_command(dataset), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     watchdog = threading.Timer(600, proc.kill)
     watchdog.start()
     first_output, latest_at_kill = [], False
@@ -60,18 +60,46 @@ def resumed_training(planned_tiny_2d):
         watchdog.cancel()
     killed_before_the_end = not os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     resumed_output = run_cli(_train_command(dataset, "--c"), env)
-    return {"dataset": dataset, "model": model, "fold": fold, "first_output": "".join(first_output),
-            "latest_at_kill": latest_at_kill, "killed_before_the_end": killed_before_the_end,
-            "resumed_output": resumed_output}
+    return {
+        "dataset": dataset,
+        "model": model,
+        "fold": fold,
+        "first_output": "".join(first_output),
+        "latest_at_kill": latest_at_kill,
+        "killed_before_the_end": killed_before_the_end,
+        "resumed_output": resumed_output,
+    }
 
 
 @pytest.fixture(scope="module")
 def default_backend_prediction(resumed_training, tmp_path_factory):
     dataset = resumed_training["dataset"]
     output = str(tmp_path_factory.mktemp("pred_default"))
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(dataset["raw"], "imagesTs"), "-o", output, "-d",
-             str(dataset["id"]), "-c", "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
-             "--save_probabilities"], dataset["env"])
+    run_cli(
+        [
+            "nnUNetv2_predict",
+            "-i",
+            os.path.join(dataset["raw"], "imagesTs"),
+            "-o",
+            output,
+            "-d",
+            str(dataset["id"]),
+            "-c",
+            "2d",
+            "-tr",
+            TRAINER,
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "-npp",
+            "0",
+            "-nps",
+            "0",
+            "--save_probabilities",
+        ],
+        dataset["env"],
+    )
     return output
 
 
@@ -103,15 +131,18 @@ def test_val_npz_predict_and_find_best_configuration(resumed_training, default_b
         mask = np.asarray(Image.open(os.path.join(default_backend_prediction, name)))
         assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 1}
 
-    output = run_cli(["nnUNetv2_find_best_configuration", str(dataset["id"]), "-c", "2d", "-tr", TRAINER, "-f", "0",
-                      "-np", "1"], dataset["env"])
+    output = run_cli(
+        ["nnUNetv2_find_best_configuration", str(dataset["id"]), "-c", "2d", "-tr", TRAINER, "-f", "0", "-np", "1"],
+        dataset["env"],
+    )
     instructions = os.path.join(dataset["results"], "inference_instructions.txt")
     assert os.path.isfile(os.path.join(dataset["results"], "inference_information.json")), output
     assert TRAINER in open(instructions).read()
 
 
-def test_a_checkpoint_predicts_the_same_with_another_scan_backend(resumed_training, default_backend_prediction,
-                                                                  tmp_path, monkeypatch):
+def test_a_checkpoint_predicts_the_same_with_another_scan_backend(
+    resumed_training, default_backend_prediction, tmp_path, monkeypatch
+):
     # nnU-Net's predictor in this process (saves a CLI start-up); the CLI prediction used the default backend
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -125,8 +156,7 @@ def test_a_checkpoint_predicts_the_same_with_another_scan_backend(resumed_traini
     os.makedirs(output)
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
     predictor.initialize_from_trained_model_folder(resumed_training["model"], use_folds=(0,))
-    predictor.predict_from_files_sequential(os.path.join(dataset["raw"], "imagesTs"), output,
-                                            save_probabilities=True)
+    predictor.predict_from_files_sequential(os.path.join(dataset["raw"], "imagesTs"), output, save_probabilities=True)
     names = sorted(f for f in os.listdir(default_backend_prediction) if f.endswith(".npz"))
     assert names and names == sorted(f for f in os.listdir(output) if f.endswith(".npz"))
     for name in names:
@@ -148,16 +178,41 @@ def test_stock_trainer_trains_and_predicts_hymunet_through_the_plans_route(plann
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    trainer = get_trainer_from_args(str(dataset["id"]), "2d", 0, "nnUNetTrainer", "nnUNetHyMUNetPlans",
-                                     device=torch.device("cpu"))
+    trainer = get_trainer_from_args(
+        str(dataset["id"]), "2d", 0, "nnUNetTrainer", "nnUNetHyMUNetPlans", device=torch.device("cpu")
+    )
     assert type(trainer) is nnUNetTrainer  # nnU-Net's own class, unchanged
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, 2, 1
     trainer.run_training()
     assert type(trainer.network).__name__ == "HyMUNet"
 
     output = str(tmp_path / "pred")
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(dataset["raw"], "imagesTs"), "-o", output, "-d",
-             str(dataset["id"]), "-c", "2d", "-p", "nnUNetHyMUNetPlans", "-tr", "nnUNetTrainer", "-f", "0", "-device",
-             "cpu", "-npp", "0", "-nps", "0"], dataset["env"])
-    assert len([f for f in os.listdir(output) if f.endswith(".png")]) == len(os.listdir(
-        os.path.join(dataset["raw"], "imagesTs")))
+    run_cli(
+        [
+            "nnUNetv2_predict",
+            "-i",
+            os.path.join(dataset["raw"], "imagesTs"),
+            "-o",
+            output,
+            "-d",
+            str(dataset["id"]),
+            "-c",
+            "2d",
+            "-p",
+            "nnUNetHyMUNetPlans",
+            "-tr",
+            "nnUNetTrainer",
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "-npp",
+            "0",
+            "-nps",
+            "0",
+        ],
+        dataset["env"],
+    )
+    assert len([f for f in os.listdir(output) if f.endswith(".png")]) == len(
+        os.listdir(os.path.join(dataset["raw"], "imagesTs"))
+    )

@@ -16,17 +16,40 @@ def test_3d_fullres_train_npz_predict_find_best(planned_tiny_3d, tmp_path):
 
     dataset = planned_tiny_3d
     schedule = {"HYMUNET_EPOCHS": "1", "HYMUNET_ITERATIONS": "2", "HYMUNET_VAL_ITERATIONS": "1"}
-    train_out = run_cli(["nnUNetv2_train", str(dataset["id"]), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
-                         "--npz"], dict(dataset["env"], nnUNet_n_proc_DA="0", **schedule))
+    train_out = run_cli(
+        ["nnUNetv2_train", str(dataset["id"]), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--npz"],
+        dict(dataset["env"], nnUNet_n_proc_DA="0", **schedule),
+    )
     assert "Mean Validation Dice" in train_out
     fold = os.path.join(dataset["results"], f"{TRAINER}__nnUNetPlans__3d_fullres", "fold_0")
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     assert any(f.endswith(".npz") for f in os.listdir(os.path.join(fold, "validation")))
 
     output = str(tmp_path / "pred")
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(dataset["raw"], "imagesTs"), "-o", output, "-d",
-             str(dataset["id"]), "-c", "3d_fullres", "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "0",
-             "-nps", "0"], dataset["env"])
+    run_cli(
+        [
+            "nnUNetv2_predict",
+            "-i",
+            os.path.join(dataset["raw"], "imagesTs"),
+            "-o",
+            output,
+            "-d",
+            str(dataset["id"]),
+            "-c",
+            "3d_fullres",
+            "-tr",
+            TRAINER,
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "-npp",
+            "0",
+            "-nps",
+            "0",
+        ],
+        dataset["env"],
+    )
     for name in os.listdir(os.path.join(dataset["raw"], "imagesTs")):
         image = sitk.ReadImage(os.path.join(dataset["raw"], "imagesTs", name))
         prediction = sitk.ReadImage(os.path.join(output, name.replace("_0000.nii.gz", ".nii.gz")))
@@ -34,6 +57,19 @@ def test_3d_fullres_train_npz_predict_find_best(planned_tiny_3d, tmp_path):
         np.testing.assert_allclose(prediction.GetSpacing(), image.GetSpacing())
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
 
-    run_cli(["nnUNetv2_find_best_configuration", str(dataset["id"]), "-c", "3d_fullres", "-tr", TRAINER, "-f", "0",
-             "-np", "1"], dataset["env"])
+    run_cli(
+        [
+            "nnUNetv2_find_best_configuration",
+            str(dataset["id"]),
+            "-c",
+            "3d_fullres",
+            "-tr",
+            TRAINER,
+            "-f",
+            "0",
+            "-np",
+            "1",
+        ],
+        dataset["env"],
+    )
     assert os.path.isfile(os.path.join(dataset["results"], "inference_information.json"))

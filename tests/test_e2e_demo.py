@@ -25,6 +25,7 @@ def test_dataset_is_an_nnunet_raw_dataset_with_held_out_labels(tmp_path):
     assert image.shape == (48, 48, 3) and mask.shape == (48, 48) and set(np.unique(mask)) == {0, 1}
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
+
     dataset_json = load_json(os.path.join(folder, "dataset.json"))
     assert dataset_json["numTraining"] == 5 and dataset_json["file_ending"] == ".png"
     assert len(dataset_json["channel_names"]) == 3

@@ -31,6 +31,7 @@ IMPOSSIBLE = "/proc/hymunet-no-such-folder/out"  # /proc takes no new folders, n
 
 # ---------------------------------------------------------------- helpers
 
+
 def run(argv, capsys):
     """(exit code, stdout, stderr) of the in-process CLI; argparse errors exit through SystemExit."""
     try:
@@ -104,22 +105,36 @@ def write_nifti(path, array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), di
 
 # ---------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def isic_release(tmp_path_factory):
-    return fake_releases.make_fake_isic2018(str(tmp_path_factory.mktemp("isic") / "release"), num_cases=6, seed=3,
-                                            image_size=32, num_validation=0, num_test=0)
+    return fake_releases.make_fake_isic2018(
+        str(tmp_path_factory.mktemp("isic") / "release"),
+        num_cases=6,
+        seed=3,
+        image_size=32,
+        num_validation=0,
+        num_test=0,
+    )
 
 
 @pytest.fixture(scope="module")
 def brats_release(tmp_path_factory):
-    return fake_releases.make_fake_brats(str(tmp_path_factory.mktemp("brats") / "release"), release="2021",
-                                         num_cases=2, seed=4, shape=(10, 11, 9), num_unlabelled=0)
+    return fake_releases.make_fake_brats(
+        str(tmp_path_factory.mktemp("brats") / "release"),
+        release="2021",
+        num_cases=2,
+        seed=4,
+        shape=(10, 11, 9),
+        num_unlabelled=0,
+    )
 
 
 @pytest.fixture(scope="module")
 def drive_release(tmp_path_factory):
-    return fake_releases.make_fake_drive(str(tmp_path_factory.mktemp("drive") / "release"), num_cases=2, seed=5,
-                                         scale=0.06)
+    return fake_releases.make_fake_drive(
+        str(tmp_path_factory.mktemp("drive") / "release"), num_cases=2, seed=5, scale=0.06
+    )
 
 
 @pytest.fixture
@@ -128,8 +143,10 @@ def brats_predictions(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(2):
-        nibabel.save(nibabel.Nifti1Image(rng.integers(0, 4, (6, 5, 4)).astype(np.uint8), np.eye(4)),
-                     str(folder / f"BraTS2021_0000{i}.nii.gz"))
+        nibabel.save(
+            nibabel.Nifti1Image(rng.integers(0, 4, (6, 5, 4)).astype(np.uint8), np.eye(4)),
+            str(folder / f"BraTS2021_0000{i}.nii.gz"),
+        )
     (folder / "notes.txt").write_text("the user's own file")
     return folder
 
@@ -159,6 +176,7 @@ def succeeds(argv) -> bool:
 
 
 # ================================================================ convert isic2018 / drive / brats
+
 
 def test_convert_output_is_a_file(isic_release, tmp_path, capsys):
     target = tmp_path / "raw"
@@ -199,27 +217,38 @@ def test_convert_overwrite_never_replaces_a_foreign_dataset(drive_release, tmp_p
     (foreign / "imagesTr").mkdir(parents=True)
     (foreign / "dataset.json").write_text(json.dumps({"labels": {"background": 0}}))
     before = state(tmp_path / "raw")
-    refused(["convert", "drive", "-i", drive_release, "-d", 70, "-o", tmp_path / "raw", "--overwrite"], capsys,
-            foreign, "not written by hymunet")
+    refused(
+        ["convert", "drive", "-i", drive_release, "-d", 70, "-o", tmp_path / "raw", "--overwrite"],
+        capsys,
+        foreign,
+        "not written by hymunet",
+    )
     assert state(tmp_path / "raw") == before
 
 
-@pytest.mark.parametrize("argv, culprit, code", [
-    (["-d", "0"], "-d '0'", 1),
-    (["-d", "abc"], "-d 'abc'", 1),
-    (["-d", "Dataset71_X"], "-d 'Dataset71_X'", 1),
-    (["-d", "Dataset071_X", "--name", "Y"], "--name", 1),
-    (["-d", "71", "--name", "../evil"], "--name", 1),
-    (["-d", "71", "-np", "0"], "--num-processes", 1),
-])
+@pytest.mark.parametrize(
+    "argv, culprit, code",
+    [
+        (["-d", "0"], "-d '0'", 1),
+        (["-d", "abc"], "-d 'abc'", 1),
+        (["-d", "Dataset71_X"], "-d 'Dataset71_X'", 1),
+        (["-d", "Dataset071_X", "--name", "Y"], "--name", 1),
+        (["-d", "71", "--name", "../evil"], "--name", 1),
+        (["-d", "71", "-np", "0"], "--num-processes", 1),
+    ],
+)
 def test_convert_bad_arguments(isic_release, tmp_path, capsys, argv, culprit, code):
     refused(["convert", "isic2018", "-i", isic_release, "-o", tmp_path / "raw", *argv], capsys, culprit, code=code)
     assert not (tmp_path / "raw").exists() and not temporary_leftovers(tmp_path)
 
 
 def test_drive_unknown_fov_mode(drive_release, tmp_path, capsys):
-    refused(["convert", "drive", "-i", drive_release, "-d", 72, "-o", tmp_path, "--fov-mode", "outside"], capsys,
-            "--fov-mode", code=2)
+    refused(
+        ["convert", "drive", "-i", drive_release, "-d", 72, "-o", tmp_path, "--fov-mode", "outside"],
+        capsys,
+        "--fov-mode",
+        code=2,
+    )
     assert os.listdir(tmp_path) == []
 
 
@@ -227,14 +256,22 @@ def test_split_file_binary(isic_release, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     split = tmp_path / "folds.csv"
     split.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
-    refused(["convert", "isic2018", "-i", isic_release, "-d", 73, "-o", tmp_path / "raw", "--split-file", split],
-            capsys, "--split-file", split)
+    refused(
+        ["convert", "isic2018", "-i", isic_release, "-d", 73, "-o", tmp_path / "raw", "--split-file", split],
+        capsys,
+        "--split-file",
+        split,
+    )
     assert not (tmp_path / "raw").exists()
 
 
 def test_split_file_folder(isic_release, tmp_path, capsys):
-    refused(["convert", "isic2018", "-i", isic_release, "-d", 73, "-o", tmp_path / "raw", "--split-file", tmp_path],
-            capsys, "--split-file", "not a file")
+    refused(
+        ["convert", "isic2018", "-i", isic_release, "-d", 73, "-o", tmp_path / "raw", "--split-file", tmp_path],
+        capsys,
+        "--split-file",
+        "not a file",
+    )
     assert not (tmp_path / "raw").exists()
 
 
@@ -249,8 +286,9 @@ def test_split_file_with_byte_order_mark(isic_release, tmp_path, capsys, monkeyp
     ids = _isic_ids(isic_release)
     split = tmp_path / "folds.csv"
     split.write_bytes("\ufeff".encode() + "".join(f"{i},{k % 2}\n" for k, i in enumerate(ids)).encode())
-    code, out, err = run(["convert", "isic2018", "-i", isic_release, "-d", 74, "-o", tmp_path / "raw",
-                          "--split-file", split], capsys)
+    code, out, err = run(
+        ["convert", "isic2018", "-i", isic_release, "-d", 74, "-o", tmp_path / "raw", "--split-file", split], capsys
+    )
     assert code == 0, err
     folds = json.loads((tmp_path / "raw" / "Dataset074_ISIC2018" / "splits_final.json").read_text())
     assert [fold["val"] for fold in folds] == [ids[0::2], ids[1::2]]
@@ -311,6 +349,7 @@ def test_brats_ambiguous_and_misnamed_segmentations(brats_release, tmp_path, cap
 
 # ---------------------------------------------------------------- stale temporary folders, interrupts
 
+
 def _owner(folder, **record):
     folder.mkdir(parents=True)
     (folder / OWNER_FILE).write_text(json.dumps(record))
@@ -328,16 +367,21 @@ def test_stale_partial_folders_are_removed_only_when_their_owner_is_gone(isic_re
     (raw / ".user-notes.partial-draft").write_text("a file of the user's")
     code, _, err = run(["convert", "isic2018", "-i", isic_release, "-d", 80, "-o", raw], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(raw)) == sorted(["Dataset080_ISIC2018", ".Dataset080_ISIC2018.partial-alive",
-                                              ".Dataset080_ISIC2018.partial-elsewhere",
-                                              ".Dataset080_ISIC2018.partial-unknown", ".user-notes.partial-draft"])
+    assert sorted(os.listdir(raw)) == sorted(
+        [
+            "Dataset080_ISIC2018",
+            ".Dataset080_ISIC2018.partial-alive",
+            ".Dataset080_ISIC2018.partial-elsewhere",
+            ".Dataset080_ISIC2018.partial-unknown",
+            ".user-notes.partial-draft",
+        ]
+    )
 
 
 def test_a_dataset_moved_aside_by_a_killed_run_is_restored(isic_release, tmp_path, capsys):
     raw = tmp_path / "raw"
     trash = raw / ".Dataset081_ISIC2018.replaced-x"
-    _owner(trash, host=socket.gethostname(), pid=dead_pid(), start=None,
-           restore_to=str(raw / "Dataset081_ISIC2018"))
+    _owner(trash, host=socket.gethostname(), pid=dead_pid(), start=None, restore_to=str(raw / "Dataset081_ISIC2018"))
     (trash / "old").mkdir()
     (trash / "old" / "dataset.json").write_text("{}")
     # the old dataset comes back first, so this run is refused as for any existing dataset
@@ -348,14 +392,19 @@ def test_a_dataset_moved_aside_by_a_killed_run_is_restored(isic_release, tmp_pat
 
 @pytest.fixture(scope="module")
 def large_isic_release(tmp_path_factory):
-    return fake_releases.make_fake_isic2018(str(tmp_path_factory.mktemp("isic_large") / "release"), num_cases=60,
-                                            seed=1, image_size=192)
+    return fake_releases.make_fake_isic2018(
+        str(tmp_path_factory.mktemp("isic_large") / "release"), num_cases=60, seed=1, image_size=192
+    )
 
 
 def _start_and_signal(release, raw, sig):
     """Start a conversion, send `sig` once it has written a few cases into its temporary folder."""
-    proc = subprocess.Popen([HYMUNET, "convert", "isic2018", "-i", release, "-d", "90", "-o", str(raw)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [HYMUNET, "convert", "isic2018", "-i", release, "-d", "90", "-o", str(raw)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         partial = [p for p in (os.listdir(raw) if raw.is_dir() else []) if ".partial-" in p]
@@ -409,19 +458,28 @@ def test_a_failed_commit_puts_the_replaced_folder_back(tmp_path, monkeypatch):
 
 # ================================================================ convert brats-back
 
+
 def test_brats_back_output_is_its_input(brats_predictions, capsys):
     """The data-loss bug: --output = --input with --overwrite deleted the predictions."""
     before = state(brats_predictions)
-    refused(["convert", "brats-back", "-i", brats_predictions, "-o", brats_predictions, "--release", "2021",
-             "--overwrite"], capsys, "--output", "is the input")
+    refused(
+        ["convert", "brats-back", "-i", brats_predictions, "-o", brats_predictions, "--release", "2021", "--overwrite"],
+        capsys,
+        "--output",
+        "is the input",
+    )
     assert state(brats_predictions) == before
 
 
 def test_brats_back_output_contains_its_input(brats_predictions, capsys):
     parent = brats_predictions.parent
     before = state(parent)
-    refused(["convert", "brats-back", "-i", brats_predictions, "-o", parent, "--release", "2021", "--overwrite"],
-            capsys, "--output", "contains the input")
+    refused(
+        ["convert", "brats-back", "-i", brats_predictions, "-o", parent, "--release", "2021", "--overwrite"],
+        capsys,
+        "--output",
+        "contains the input",
+    )
     assert state(parent) == before
 
 
@@ -445,20 +503,28 @@ def test_brats_back_bad_output(brats_predictions, tmp_path, capsys, kind):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     output = {"file": blocker, "under_a_file": blocker / "out", "impossible": IMPOSSIBLE}[kind]
-    refused(["convert", "brats-back", "-i", brats_predictions, "-o", output, "--release", "2021"], capsys,
-            "--output", output)
+    refused(
+        ["convert", "brats-back", "-i", brats_predictions, "-o", output, "--release", "2021"],
+        capsys,
+        "--output",
+        output,
+    )
     assert blocker.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["blocker", "pred"]
 
 
 # ================================================================ convert make-fake
 
-@pytest.mark.parametrize("argv, culprit, code", [
-    (["isic2018", "--num-cases", "0"], "--num-cases", 1),  # used to mean "the default, 10"
-    (["isic2018", "--seed", "-1"], "--seed", 1),
-    (["drive", "--scale", "nan"], "--scale", 1),
-    (["brats", "--num-unlabelled", "-1"], "--num-unlabelled", 1),
-    (["brats", "--shape", "8,9"], "--shape", 2),
-])
+
+@pytest.mark.parametrize(
+    "argv, culprit, code",
+    [
+        (["isic2018", "--num-cases", "0"], "--num-cases", 1),  # used to mean "the default, 10"
+        (["isic2018", "--seed", "-1"], "--seed", 1),
+        (["drive", "--scale", "nan"], "--scale", 1),
+        (["brats", "--num-unlabelled", "-1"], "--num-unlabelled", 1),
+        (["brats", "--shape", "8,9"], "--shape", 2),
+    ],
+)
 def test_make_fake_bad_arguments(tmp_path, capsys, argv, culprit, code):
     refused(["convert", "make-fake", argv[0], "-o", tmp_path / "fake", *argv[1:]], capsys, culprit, code=code)
     assert os.listdir(tmp_path) == []
@@ -473,6 +539,7 @@ def test_make_fake_into_a_file(tmp_path, capsys):
 
 # ================================================================ evaluate
 
+
 def test_evaluate_empty_fov_mask_is_refused(tmp_path, capsys):
     """It used to give Dice 1.0 for an inverted prediction."""
     ref_dir, pred_dir = png_run(tmp_path, n_cases=2)
@@ -481,8 +548,13 @@ def test_evaluate_empty_fov_mask_is_refused(tmp_path, capsys):
     fov.mkdir()
     write_png(fov / "case_0.png", np.ones((24, 28)))
     write_png(fov / "case_1.png", np.zeros((24, 28)))
-    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--fov", fov), capsys, "case_1",
-            fov / "case_1.png", "selects no voxel")
+    refused(
+        evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--fov", fov),
+        capsys,
+        "case_1",
+        fov / "case_1.png",
+        "selects no voxel",
+    )
     assert not (tmp_path / "out").exists() and not temporary_leftovers(tmp_path)
 
 
@@ -491,8 +563,12 @@ def test_evaluate_undeclared_reference_values(tmp_path, capsys):
     ref_dir, pred_dir = png_run(tmp_path, ref_scale=255)
     dataset = tmp_path / "dataset.json"
     dataset.write_text(json.dumps({"labels": {"background": 0, "lesion": 1}, "file_ending": ".png"}))
-    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--dataset-json", dataset), capsys,
-            ref_dir / "case_0.png", "[255]")
+    refused(
+        evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--dataset-json", dataset),
+        capsys,
+        ref_dir / "case_0.png",
+        "[255]",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -515,13 +591,19 @@ def _nifti_pair(tmp_path, **pred_geometry):
     return ref_dir, pred_dir
 
 
-@pytest.mark.parametrize("geometry", [{"origin": (14.0, -20.0, 5.0)},
-                                      {"direction": (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)}])
+@pytest.mark.parametrize(
+    "geometry", [{"origin": (14.0, -20.0, 5.0)}, {"direction": (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)}]
+)
 def test_evaluate_misaligned_prediction(tmp_path, capsys, geometry):
     """A prediction on another grid was scored as if aligned."""
     ref_dir, pred_dir = _nifti_pair(tmp_path, **geometry)
-    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out"), capsys, pred_dir / "c.nii.gz",
-            next(iter(geometry)), "--ignore-geometry")
+    refused(
+        evaluate_args(ref_dir, pred_dir, tmp_path / "out"),
+        capsys,
+        pred_dir / "c.nii.gz",
+        next(iter(geometry)),
+        "--ignore-geometry",
+    )
     code, _, err = run(evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--ignore-geometry"), capsys)
     assert code == 0 and "warning" in err and "as if aligned" in err
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["warnings"]
@@ -567,8 +649,7 @@ def test_evaluate_non_integer_label_in_dataset_json(tmp_path, capsys, value):
     ref_dir, pred_dir = png_run(tmp_path)
     dataset = tmp_path / "dataset.json"
     dataset.write_text('{"labels": {"background": 0, "lesion": %s}, "file_ending": ".png"}' % value)
-    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--dataset-json", dataset), capsys, dataset,
-            "lesion")
+    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--dataset-json", dataset), capsys, dataset, "lesion")
 
 
 def test_evaluate_all_ignore_reference(tmp_path, capsys):
@@ -576,8 +657,9 @@ def test_evaluate_all_ignore_reference(tmp_path, capsys):
     write_png(ref_dir / "case_0.png", np.full((24, 28), 2))
     dataset = tmp_path / "dataset.json"
     dataset.write_text(json.dumps({"labels": {"background": 0, "lesion": 1, "ignore": 2}, "file_ending": ".png"}))
-    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--dataset-json", dataset), capsys, "case_0",
-            "ignore label")
+    refused(
+        evaluate_args(ref_dir, pred_dir, tmp_path / "out", "--dataset-json", dataset), capsys, "case_0", "ignore label"
+    )
 
 
 def test_evaluate_output_is_the_prediction_folder(tmp_path, capsys):
@@ -612,19 +694,26 @@ def test_evaluate_keeps_files_it_did_not_write(tmp_path, capsys):
     assert (out / "notes.md").read_text() == "my notes" and not temporary_leftovers(tmp_path)
 
 
-@pytest.mark.parametrize("extra, culprit", [
-    (["-np", "0"], "--num-processes"),
-    (["--one-empty-distance", "-1"], "--one-empty-distance"),
-    (["--one-empty-distance", "far"], "--one-empty-distance"),
-    (["--percentile", "0"], "--percentile"),
-    (["--percentile", "nan"], "--percentile"),
-    (["--hd95", "median"], "--hd95"),
-    (["--units", " "], "--units"),
-])
+@pytest.mark.parametrize(
+    "extra, culprit",
+    [
+        (["-np", "0"], "--num-processes"),
+        (["--one-empty-distance", "-1"], "--one-empty-distance"),
+        (["--one-empty-distance", "far"], "--one-empty-distance"),
+        (["--percentile", "0"], "--percentile"),
+        (["--percentile", "nan"], "--percentile"),
+        (["--hd95", "median"], "--hd95"),
+        (["--units", " "], "--units"),
+    ],
+)
 def test_evaluate_bad_arguments(tmp_path, capsys, extra, culprit):
     ref_dir, pred_dir = png_run(tmp_path)
-    refused(evaluate_args(ref_dir, pred_dir, tmp_path / "out", *extra), capsys, culprit,
-            code=2 if culprit == "--hd95" else 1)
+    refused(
+        evaluate_args(ref_dir, pred_dir, tmp_path / "out", *extra),
+        capsys,
+        culprit,
+        code=2 if culprit == "--hd95" else 1,
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -648,6 +737,7 @@ def test_evaluate_intensity_image_as_reference_is_refused(tmp_path, capsys):
 
 # ================================================================ compare
 
+
 @pytest.fixture
 def two_runs(tmp_path, capsys):
     ref_dir, pred_a = png_run(tmp_path / "a", n_cases=4, seed=0)
@@ -659,11 +749,14 @@ def two_runs(tmp_path, capsys):
     return ref_dir, pred_a, pred_b, runs
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "cannot read as JSON"),
-    ('{"schema_version": 1, "units": "px"}', "'labels' missing"),
-    ("[1, 2]", "not an object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "cannot read as JSON"),
+        ('{"schema_version": 1, "units": "px"}', "'labels' missing"),
+        ("[1, 2]", "not an object"),
+    ],
+)
 def test_compare_malformed_metrics_json(two_runs, tmp_path, capsys, content, message):
     run_a, run_b = two_runs[3]
     (run_b / "metrics.json").write_text(content)
@@ -694,8 +787,7 @@ def test_compare_different_case_sets(two_runs, tmp_path, capsys):
     (fewer_pred / "case_3.png").unlink()
     run_c = tmp_path / "run_c"
     assert main(evaluate_args(fewer_ref, fewer_pred, run_c)) == 0
-    refused(["compare", run_a, run_c, "-o", tmp_path / "cmp"], capsys, "different cases", "case_3",
-            "--common-cases")
+    refused(["compare", run_a, run_c, "-o", tmp_path / "cmp"], capsys, "different cases", "case_3", "--common-cases")
     code, _, err = run(["compare", run_a, run_c, "-o", tmp_path / "cmp", "--common-cases"], capsys)
     assert code == 0 and "note" in err
     result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -760,6 +852,7 @@ def test_compare_same_run_twice_and_output_into_a_run(two_runs, tmp_path, capsys
 
 # ================================================================ plan
 
+
 @pytest.fixture
 def preprocessed(tmp_path, monkeypatch):
     root = tmp_path / "preprocessed"
@@ -803,6 +896,7 @@ def test_plan_malformed_source_plans(preprocessed, capsys):
 
 # ================================================================ doctor, demo, top level
 
+
 def test_doctor_unknown_argument(capsys):
     refused(["doctor", "--fix"], capsys, "--fix", code=2)
 
@@ -814,14 +908,17 @@ def test_doctor_reports_a_bad_backend_setting_instead_of_failing(capsys, monkeyp
     assert "unavailable: HYMUNET_SCAN_BACKEND='gpu-please'" in out
 
 
-@pytest.mark.parametrize("argv, culprit, code", [
-    (["--train-cases", "2"], "--train-cases", 1),
-    (["--test-cases", "0"], "--test-cases", 1),
-    (["--size", "8"], "--size", 1),
-    (["--epochs", "0"], "--epochs", 1),
-    (["--seed", "-1"], "--seed", 1),
-    (["--device", "tpu"], "--device", 2),
-])
+@pytest.mark.parametrize(
+    "argv, culprit, code",
+    [
+        (["--train-cases", "2"], "--train-cases", 1),
+        (["--test-cases", "0"], "--test-cases", 1),
+        (["--size", "8"], "--size", 1),
+        (["--epochs", "0"], "--epochs", 1),
+        (["--seed", "-1"], "--seed", 1),
+        (["--device", "tpu"], "--device", 2),
+    ],
+)
 def test_demo_bad_arguments(tmp_path, capsys, argv, culprit, code):
     refused(["demo", "--workdir", tmp_path / "work", *argv], capsys, culprit, code=code)
     assert os.listdir(tmp_path) == []
@@ -850,20 +947,24 @@ def test_numba_cache_follows_hymunet_cache_dir(tmp_path):
 
 # ================================================================ permissions follow the umask
 
+
 def test_outputs_follow_the_umask(isic_release, brats_predictions, preprocessed, tmp_path, capsys):
     """Folders were created 0700 and plans files 0600 whatever the umask (shared group folders broke)."""
     previous = os.umask(0o002)
     try:
         assert succeeds(["convert", "isic2018", "-i", isic_release, "-d", 91, "-o", tmp_path / "raw"])
-        assert succeeds(["convert", "brats-back", "-i", brats_predictions, "-o", tmp_path / "back", "--release",
-                         "2021"])
+        assert succeeds(
+            ["convert", "brats-back", "-i", brats_predictions, "-o", tmp_path / "back", "--release", "2021"]
+        )
         assert main(["plan", "-d", "Dataset900_Unit", "-c", "2d"]) == 0
         ref_dir, pred_dir = png_run(tmp_path / "eval")
         assert main(evaluate_args(ref_dir, pred_dir, tmp_path / "evaluated")) == 0
     finally:
         os.umask(previous)
-    modes = {path: stat.S_IMODE(os.stat(path).st_mode) for path in (
-        tmp_path / "raw" / "Dataset091_ISIC2018", tmp_path / "back", tmp_path / "evaluated")}
+    modes = {
+        path: stat.S_IMODE(os.stat(path).st_mode)
+        for path in (tmp_path / "raw" / "Dataset091_ISIC2018", tmp_path / "back", tmp_path / "evaluated")
+    }
     assert all(mode == 0o775 for mode in modes.values()), modes
     assert stat.S_IMODE(os.stat(preprocessed / "nnUNetHyMUNetPlans.json").st_mode) == 0o664
     assert stat.S_IMODE(os.stat(tmp_path / "evaluated" / "metrics.json").st_mode) == 0o664

@@ -34,7 +34,7 @@ def mamba_oracle(m: Mamba, x: torch.Tensor) -> torch.Tensor:
     batch, length, _ = x.shape
     silu = lambda v: v * torch.sigmoid(v)  # noqa: E731
     xz = x @ m.in_proj.weight.T
-    xs, z = xz[..., :m.d_inner], xz[..., m.d_inner:]
+    xs, z = xz[..., : m.d_inner], xz[..., m.d_inner :]
     w = m.conv1d.weight[:, 0, :]  # (d_inner, k): tap k-1 multiplies the current token
     k = w.shape[1]
     conv = []
@@ -47,9 +47,9 @@ def mamba_oracle(m: Mamba, x: torch.Tensor) -> torch.Tensor:
         conv.append(silu(acc))
     xs = torch.stack(conv, 1)  # (batch, L, d_inner)
     proj = xs @ m.x_proj.weight.T
-    dt_low = proj[..., :m.dt_rank]
-    B = proj[..., m.dt_rank:m.dt_rank + m.d_state]
-    C = proj[..., m.dt_rank + m.d_state:]
+    dt_low = proj[..., : m.dt_rank]
+    B = proj[..., m.dt_rank : m.dt_rank + m.d_state]
+    C = proj[..., m.dt_rank + m.d_state :]
     dt_raw = dt_low @ m.dt_proj.weight.T + m.dt_proj.bias
     dt = torch.log1p(torch.exp(dt_raw))  # softplus
     A = -torch.exp(m.A_log)  # (d_inner, N)

@@ -21,11 +21,21 @@ def plans_kwargs(dim, features, strides, n_conv=2, n_conv_decoder=2):
     """arch_kwargs the way nnU-Net's ExperimentPlanner writes them for PlainConvUNet (classes already imported)."""
     n = len(features)
     return dict(
-        n_stages=n, features_per_stage=list(features), conv_op=nn.Conv2d if dim == 2 else nn.Conv3d,
-        kernel_sizes=[[3] * dim] * n, strides=[list(s) for s in strides], n_conv_per_stage=[n_conv] * n,
-        n_conv_per_stage_decoder=[n_conv_decoder] * (n - 1), conv_bias=True,
-        norm_op=nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-        dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+        n_stages=n,
+        features_per_stage=list(features),
+        conv_op=nn.Conv2d if dim == 2 else nn.Conv3d,
+        kernel_sizes=[[3] * dim] * n,
+        strides=[list(s) for s in strides],
+        n_conv_per_stage=[n_conv] * n,
+        n_conv_per_stage_decoder=[n_conv_decoder] * (n - 1),
+        conv_bias=True,
+        norm_op=nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        dropout_op=None,
+        dropout_op_kwargs=None,
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    )
 
 
 STRIDES_2D = [[1, 1]] + [[2, 2]] * 5  # 6 stages, 256x256 patch
@@ -62,8 +72,7 @@ def assert_deep_supervision_contract(net, x, expected):
 def test_2d_plan_shapes():
     net = tiny_2d(deep_supervision=True)
     net.apply(net.initialize)
-    assert_deep_supervision_contract(net, torch.randn(1, 3, 256, 256),
-                                     expected_ds_shapes(1, 2, (256, 256), STRIDES_2D))
+    assert_deep_supervision_contract(net, torch.randn(1, 3, 256, 256), expected_ds_shapes(1, 2, (256, 256), STRIDES_2D))
 
 
 def test_2d_default_features_forward():
@@ -83,16 +92,23 @@ def test_isic_like_plan_parameters_not_above_plain_conv_unet():
 
 
 def test_3d_anisotropic_plan_shapes():
-    net = hymunet(input_channels=1, num_classes=3, deep_supervision=True, n_mamba_stages=2, scan="cross",
-                  **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_ANISO))
+    net = hymunet(
+        input_channels=1,
+        num_classes=3,
+        deep_supervision=True,
+        n_mamba_stages=2,
+        scan="cross",
+        **plans_kwargs(3, (2, 4, 4, 8, 8, 8), STRIDES_3D_ANISO),
+    )
     with torch.no_grad():
         out = net(torch.randn(1, 1, 28, 256, 256))
     assert [tuple(o.shape) for o in out] == expected_ds_shapes(1, 3, (28, 256, 256), STRIDES_3D_ANISO)
 
 
 def test_3d_brats_like_strides_on_smaller_input():
-    net = hymunet(input_channels=4, num_classes=4, deep_supervision=True,
-                  **plans_kwargs(3, (2, 4, 8, 8, 8, 8), STRIDES_3D_BRATS))
+    net = hymunet(
+        input_channels=4, num_classes=4, deep_supervision=True, **plans_kwargs(3, (2, 4, 8, 8, 8, 8), STRIDES_3D_BRATS)
+    )
     out = net(torch.randn(1, 4, 64, 64, 64))
     assert [tuple(o.shape) for o in out] == expected_ds_shapes(1, 4, (64, 64, 64), STRIDES_3D_BRATS)
     sum(o.float().mean() for o in out).backward()
@@ -134,9 +150,14 @@ def test_n_mamba_stages_validated(bad):
         tiny_2d(n_mamba_stages=bad)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"scan": "diagonal"}, "scan="), ({"fusion": "add"}, "fusion="), ({"n_blocks_per_stage": 1}, "both"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scan": "diagonal"}, "scan="),
+        ({"fusion": "add"}, "fusion="),
+        ({"n_blocks_per_stage": 1}, "both"),
+    ],
+)
 def test_bad_knobs_raise(kwargs, match):
     with pytest.raises(HyMUNetError, match=match):
         tiny_2d(**kwargs)
@@ -148,12 +169,17 @@ def test_the_layout_is_explicit():
     with pytest.raises(HyMUNetError, match="n_conv_per_stage .*hymunet_arch_kwargs"):
         HyMUNet(input_channels=3, num_classes=2, **plan)
     explicit = hymunet_arch_kwargs("PlainConvUNet", plan)
-    for key, value in (("n_blocks_per_stage", None), ("n_blocks_per_stage", [1, 0, 1, 1, 1, 1]),
-                       ("n_conv_per_stage_decoder", [2] * 4), ("mamba_stages", [6])):
+    for key, value in (
+        ("n_blocks_per_stage", None),
+        ("n_blocks_per_stage", [1, 0, 1, 1, 1, 1]),
+        ("n_conv_per_stage_decoder", [2] * 4),
+        ("mamba_stages", [6]),
+    ):
         with pytest.raises(HyMUNetError, match=key):
             HyMUNet(input_channels=3, num_classes=2, **dict(explicit, **{key: value}))
-    custom = dict(explicit, n_blocks_per_stage=[2, 1, 3, 1, 2, 1], n_conv_per_stage_decoder=[3, 1, 2, 1, 1],
-                  mamba_stages=[0, 4])
+    custom = dict(
+        explicit, n_blocks_per_stage=[2, 1, 3, 1, 2, 1], n_conv_per_stage_decoder=[3, 1, 2, 1, 1], mamba_stages=[0, 4]
+    )
     net = HyMUNet(input_channels=3, num_classes=2, **custom)
     assert [len(stage.blocks.blocks) for stage in net.encoder.stages] == [2, 1, 3, 1, 2, 1]
     assert [len(stage.convs) for stage in net.decoder.stages] == [3, 1, 2, 1, 1]
@@ -185,8 +211,13 @@ def test_every_scan_and_fusion_2d(scan, fusion):
 
 @pytest.mark.parametrize("scan, n_directions", [("flat", 1), ("bidir", 2), ("cross", 6)])
 def test_every_scan_3d(scan, n_directions):
-    net = hymunet(input_channels=1, num_classes=2, scan=scan, deep_supervision=False,
-                  **plans_kwargs(3, (2, 4, 4, 4), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]))
+    net = hymunet(
+        input_channels=1,
+        num_classes=2,
+        scan=scan,
+        deep_supervision=False,
+        **plans_kwargs(3, (2, 4, 4, 4), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]),
+    )
     layer = net.encoder.stages[-1].mamba_layers[0]
     assert len(layer.directions) == n_directions
     with torch.no_grad():
@@ -209,8 +240,9 @@ def test_scan_sequences_round_trip_and_orders():
         assert torch.equal(from_sequence(seq, perm, rev, volume.shape[2:]), volume)
 
 
-@pytest.mark.parametrize("scan, sees_later_row, sees_raster_end", [
-    ("flat", False, False), ("bidir", True, True), ("cross", True, True)])
+@pytest.mark.parametrize(
+    "scan, sees_later_row, sees_raster_end", [("flat", False, False), ("bidir", True, True), ("cross", True, True)]
+)
 def test_scan_receptive_field(scan, sees_later_row, sees_raster_end):
     """Mamba is causal along each sequence: which inputs reach the first voxel's output tells the order used."""
     torch.manual_seed(0)
@@ -240,8 +272,11 @@ def test_gradients_reach_every_parameter():
 
 def test_initialize_keeps_mamba_init():
     net = tiny_2d()
-    before = {k: v.clone() for k, v in net.state_dict().items()
-              if k.endswith(("A_log", ".D", "dt_proj.bias", "dt_proj.weight", "conv1d.weight"))}
+    before = {
+        k: v.clone()
+        for k, v in net.state_dict().items()
+        if k.endswith(("A_log", ".D", "dt_proj.bias", "dt_proj.weight", "conv1d.weight"))
+    }
     assert len(before) == 5 * 3
     conv_before = net.encoder.stages[0].blocks.blocks[0].conv1.conv.weight.clone()
     net.apply(net.initialize)
@@ -278,24 +313,49 @@ def test_get_network_from_plans_plain_and_resenc_style():
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     arch_kwargs = {
-        "n_stages": 4, "features_per_stage": [4, 8, 8, 8], "conv_op": "torch.nn.modules.conv.Conv2d",
-        "kernel_sizes": [[3, 3]] * 4, "strides": [[1, 1], [2, 2], [2, 2], [2, 2]], "n_conv_per_stage": [2] * 4,
-        "n_conv_per_stage_decoder": [2] * 3, "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True}, "scan": "bidir", "fusion": "mgf", "n_mamba_stages": 1}
+        "n_stages": 4,
+        "features_per_stage": [4, 8, 8, 8],
+        "conv_op": "torch.nn.modules.conv.Conv2d",
+        "kernel_sizes": [[3, 3]] * 4,
+        "strides": [[1, 1], [2, 2], [2, 2], [2, 2]],
+        "n_conv_per_stage": [2] * 4,
+        "n_conv_per_stage_decoder": [2] * 3,
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+        "scan": "bidir",
+        "fusion": "mgf",
+        "n_mamba_stages": 1,
+    }
     req_import = ["conv_op", "norm_op", "dropout_op", "nonlin"]
-    net = get_network_from_plans("nnunetv2_hymunet.network.HyMUNet",
-                                 hymunet_arch_kwargs("HyMUNet", copy.deepcopy(arch_kwargs)), req_import, 3, 2,
-                                 allow_init=True, deep_supervision=True)
+    net = get_network_from_plans(
+        "nnunetv2_hymunet.network.HyMUNet",
+        hymunet_arch_kwargs("HyMUNet", copy.deepcopy(arch_kwargs)),
+        req_import,
+        3,
+        2,
+        allow_init=True,
+        deep_supervision=True,
+    )
     assert isinstance(net, HyMUNet) and net.decoder.deep_supervision and net.scan == "bidir"
     assert net.encoder.conv_op is nn.Conv2d and net.encoder.norm_op is nn.InstanceNorm2d
     assert len(net(torch.randn(1, 3, 32, 32))) == 3
 
     resenc = {k: v for k, v in arch_kwargs.items() if k != "n_conv_per_stage"}
     resenc.update(n_blocks_per_stage=[1, 3, 4, 6], n_conv_per_stage_decoder=[1, 1, 1])
-    net = get_network_from_plans("nnunetv2_hymunet.network.HyMUNet", hymunet_arch_kwargs("ResidualEncoderUNet", resenc),
-                                 req_import, 3, 2, allow_init=True, deep_supervision=False)
+    net = get_network_from_plans(
+        "nnunetv2_hymunet.network.HyMUNet",
+        hymunet_arch_kwargs("ResidualEncoderUNet", resenc),
+        req_import,
+        3,
+        2,
+        allow_init=True,
+        deep_supervision=False,
+    )
     assert [len(stage.blocks.blocks) for stage in net.encoder.stages] == [1, 3, 1, 1]  # deepest half: one block
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
@@ -305,33 +365,62 @@ def test_stock_trainer_builds_it_from_a_plans_file():
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans = {
-        "dataset_name": "Dataset999_Test", "plans_name": "nnUNetHyMUNetPlans", "original_median_spacing_after_transp":
-        [1.0, 1.0, 1.0], "original_median_shape_after_transp": [1, 64, 64], "image_reader_writer": "NaturalImage2DIO",
-        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "x",
-        "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
-        "configurations": {"2d": {
-            "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-            "patch_size": [64, 64], "median_image_size_in_voxels": [64, 64], "spacing": [1.0, 1.0],
-            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
-            "batch_dice": True,
-            "architecture": {
-                "network_class_name": "nnunetv2_hymunet.network.HyMUNet",
-                "arch_kwargs": {
-                    "n_stages": 3, "features_per_stage": [4, 8, 8], "conv_op": "torch.nn.modules.conv.Conv2d",
-                    "kernel_sizes": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]], "n_conv_per_stage": [2] * 3,
-                    "n_conv_per_stage_decoder": [2] * 2, "conv_bias": True,
-                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-                    "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
+        "dataset_name": "Dataset999_Test",
+        "plans_name": "nnUNetHyMUNetPlans",
+        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [1, 64, 64],
+        "image_reader_writer": "NaturalImage2DIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "experiment_planner_used": "x",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {},
+        "configurations": {
+            "2d": {
+                "data_identifier": "nnUNetPlans_2d",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": [64, 64],
+                "median_image_size_in_voxels": [64, 64],
+                "spacing": [1.0, 1.0],
+                "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {},
+                "resampling_fn_seg_kwargs": {},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {},
+                "batch_dice": True,
+                "architecture": {
+                    "network_class_name": "nnunetv2_hymunet.network.HyMUNet",
+                    "arch_kwargs": {
+                        "n_stages": 3,
+                        "features_per_stage": [4, 8, 8],
+                        "conv_op": "torch.nn.modules.conv.Conv2d",
+                        "kernel_sizes": [[3, 3]] * 3,
+                        "strides": [[1, 1], [2, 2], [2, 2]],
+                        "n_conv_per_stage": [2] * 3,
+                        "n_conv_per_stage_decoder": [2] * 2,
+                        "conv_bias": True,
+                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+                        "dropout_op": None,
+                        "dropout_op_kwargs": None,
+                        "nonlin": "torch.nn.LeakyReLU",
+                        "nonlin_kwargs": {"inplace": True},
+                    },
+                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+                },
+            }
+        },
+    }
     # a plans file of hymunet 0.1.0 (n_conv_per_stage: the layout left to the network) is refused by the network,
     # and upgrade_plans writes out the same network's explicit layout
     with pytest.raises(HyMUNetError, match="upgrade_plans"):
-        nnUNetTrainer.build_network_architecture(PlansManager(plans), PlansManager(plans).get_configuration("2d"), 1,
-                                                 2, True)
+        nnUNetTrainer.build_network_architecture(
+            PlansManager(plans), PlansManager(plans).get_configuration("2d"), 1, 2, True
+        )
     assert upgrade_plans(plans) == ["2d"]
     plans_manager = PlansManager(plans)
     net = nnUNetTrainer.build_network_architecture(plans_manager, plans_manager.get_configuration("2d"), 1, 2, True)
@@ -360,8 +449,10 @@ def test_bf16_autocast_forward_backward():
 def test_compute_conv_feature_map_size():
     kwargs = plans_kwargs(2, (32, 64, 128, 256, 512, 512), STRIDES_2D)
     plain = PlainConvUNet(input_channels=3, num_classes=2, **kwargs).compute_conv_feature_map_size((256, 256))
-    sizes = [hymunet(input_channels=3, num_classes=2, n_mamba_stages=k, **kwargs).compute_conv_feature_map_size(
-        (256, 256)) for k in (0, 3, 6)]
+    sizes = [
+        hymunet(input_channels=3, num_classes=2, n_mamba_stages=k, **kwargs).compute_conv_feature_map_size((256, 256))
+        for k in (0, 3, 6)
+    ]
     assert sizes[0] < sizes[1] < sizes[2]
     # the same conv maps (the residual projections and the MGF gates recompute instead of keeping theirs), and one
     # decoder conv fewer at the hybrid levels (tests/test_network_memory.py checks the estimate against measurement)

@@ -27,11 +27,24 @@ def _train_step(rank: int, world_size: int, port: int, result_dir: str) -> None:
     try:
         torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's)
         net = hymunet_from_unet_kwargs(
-            input_channels=2, n_stages=4, features_per_stage=[4, 8, 8, 8], conv_op=nn.Conv2d,
-            kernel_sizes=[[3, 3]] * 4, strides=[[1, 1], [2, 2], [2, 2], [2, 2]], n_conv_per_stage=[2] * 4,
-            num_classes=3, n_conv_per_stage_decoder=[2] * 3, conv_bias=True, norm_op=nn.InstanceNorm2d,
-            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
-            deep_supervision=True, n_mamba_stages=2, scan="cross")
+            input_channels=2,
+            n_stages=4,
+            features_per_stage=[4, 8, 8, 8],
+            conv_op=nn.Conv2d,
+            kernel_sizes=[[3, 3]] * 4,
+            strides=[[1, 1], [2, 2], [2, 2], [2, 2]],
+            n_conv_per_stage=[2] * 4,
+            num_classes=3,
+            n_conv_per_stage_decoder=[2] * 3,
+            conv_bias=True,
+            norm_op=nn.InstanceNorm2d,
+            norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=nn.LeakyReLU,
+            nonlin_kwargs={"inplace": True},
+            deep_supervision=True,
+            n_mamba_stages=2,
+            scan="cross",
+        )
         net.apply(net.initialize)
         ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.99, nesterov=True)
@@ -44,12 +57,14 @@ def _train_step(rank: int, world_size: int, port: int, result_dir: str) -> None:
             targets = [target]
             for out in outputs[1:]:
                 targets.append(nn.functional.interpolate(target[:, None].float(), size=out.shape[2:])[:, 0].long())
-            loss = sum(nn.functional.cross_entropy(o, t) / 2 ** i for i, (o, t) in enumerate(zip(outputs, targets)))
+            loss = sum(nn.functional.cross_entropy(o, t) / 2**i for i, (o, t) in enumerate(zip(outputs, targets)))
             loss.backward()
             optimizer.step()
         grads = torch.cat([p.grad.flatten() for p in net.parameters()])
-        torch.save({"grads": grads, "loss": float(loss), "n_none": sum(p.grad is None for p in net.parameters())},
-                   os.path.join(result_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"grads": grads, "loss": float(loss), "n_none": sum(p.grad is None for p in net.parameters())},
+            os.path.join(result_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -119,8 +119,13 @@ def test_whole_network_matches_previous_implementation(monkeypatch):
     """Every Mamba layer, MGF gate and recomputed residual projection of a small 2D HyMUNet swapped back to the
     previous code: same outputs and gradients for every parameter (deep supervision on, as in training)."""
     torch.manual_seed(0)
-    net = hymunet(input_channels=2, num_classes=3, deep_supervision=True, n_mamba_stages=3,
-                  **plans_kwargs(2, (4, 8, 8, 8), [[1, 1], [2, 2], [2, 2], [2, 2]])).double()
+    net = hymunet(
+        input_channels=2,
+        num_classes=3,
+        deep_supervision=True,
+        n_mamba_stages=3,
+        **plans_kwargs(2, (4, 8, 8, 8), [[1, 1], [2, 2], [2, 2], [2, 2]]),
+    ).double()
     net.apply(net.initialize)
     _randomise(net)
     x = torch.randn(2, 2, 32, 24, dtype=torch.float64)

@@ -36,8 +36,11 @@ def test_explicit_default_knobs_are_the_defaults_bit_for_bit():
     x = torch.randn(2, 3, 64, 64)
     assert all(torch.equal(p, q) for p, q in zip(default(x), explicit(x)))
     assert all(type(f.gate_norm) is nn.InstanceNorm2d for f in default.decoder.fusions)
-    assert all(layer.layer_scale is None and layer.direction_merge == "mean"
-               for stage in default.encoder.stages for layer in stage.mamba_layers)
+    assert all(
+        layer.layer_scale is None and layer.direction_merge == "mean"
+        for stage in default.encoder.stages
+        for layer in stage.mamba_layers
+    )
 
 
 @pytest.mark.parametrize("build", [tiny_2d, tiny_3d], ids=["2d", "3d"])
@@ -79,7 +82,7 @@ def test_separate_directions_each_own_mamba_with_mamba_ssm_names():
     names = set(Mamba(8, expand=2).state_dict())
     for i in range(4):
         prefix = f"encoder.stages.5.mamba_layers.0.mambas.{i}."
-        assert {k[len(prefix):] for k in net.state_dict() if k.startswith(prefix)} == names
+        assert {k[len(prefix) :] for k in net.state_dict() if k.startswith(prefix)} == names
     biases = [m.dt_proj.bias for m in layer.mambas]
     assert not torch.equal(biases[0], biases[1])  # per-direction step sizes
     assert_every_parameter_gets_gradient(net, torch.randn(1, 3, 64, 64))
@@ -112,8 +115,9 @@ def test_dt_range_reaches_every_mamba():
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("gate_norm, kind", [("instance", nn.InstanceNorm2d), ("none", nn.Identity),
-                                             ("channel", ChannelLayerNorm)])
+@pytest.mark.parametrize(
+    "gate_norm, kind", [("instance", nn.InstanceNorm2d), ("none", nn.Identity), ("channel", ChannelLayerNorm)]
+)
 def test_gate_norm_choice(gate_norm, kind):
     torch.manual_seed(0)
     net = tiny_2d(gate_norm=gate_norm, deep_supervision=True)
@@ -150,8 +154,9 @@ def test_layer_scale():
     state = dict(plain.state_dict(), layer_scale=torch.linspace(0.1, 0.6, 6, dtype=torch.float64))
     scaled.load_state_dict(state)
     x = torch.randn(1, 6, 4, 5, dtype=torch.float64)
-    torch.testing.assert_close(scaled(x) - x, (plain(x) - x) * state["layer_scale"].view(1, 6, 1, 1),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        scaled(x) - x, (plain(x) - x) * state["layer_scale"].view(1, 6, 1, 1), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_mamba_stages_list():
@@ -164,14 +169,23 @@ def test_mamba_stages_list():
         tiny_2d(mamba_stages=[1, 4], n_mamba_stages=2)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"direction_merge": "max"}, "direction_merge="), ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
-    ({"dt_min": 0.0}, "dt_min"), ({"dt_max": float("nan")}, "dt_min"), ({"layer_scale": -1.0}, "layer_scale"),
-    ({"layer_scale": "1e-6"}, "layer_scale"), ({"gate_norm": "batch"}, "gate_norm="),
-    ({"mamba_stages": [6]}, "mamba_stages"), ({"mamba_stages": [2, 2]}, "mamba_stages"),
-    ({"mamba_stages": "3"}, "mamba_stages"), ({"mamba_stages": [1.5]}, "mamba_stages"),
-    ({"n_mamba_stages": True}, "n_mamba_stages"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"direction_merge": "max"}, "direction_merge="),
+        ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
+        ({"dt_min": 0.0}, "dt_min"),
+        ({"dt_max": float("nan")}, "dt_min"),
+        ({"layer_scale": -1.0}, "layer_scale"),
+        ({"layer_scale": "1e-6"}, "layer_scale"),
+        ({"gate_norm": "batch"}, "gate_norm="),
+        ({"mamba_stages": [6]}, "mamba_stages"),
+        ({"mamba_stages": [2, 2]}, "mamba_stages"),
+        ({"mamba_stages": "3"}, "mamba_stages"),
+        ({"mamba_stages": [1.5]}, "mamba_stages"),
+        ({"n_mamba_stages": True}, "n_mamba_stages"),
+    ],
+)
 def test_bad_knobs_raise(kwargs, match):
     with pytest.raises(HyMUNetError, match=match):
         tiny_2d(**kwargs)
@@ -179,8 +193,15 @@ def test_bad_knobs_raise(kwargs, match):
 
 def test_every_knob_3d_shapes_and_gradients():
     torch.manual_seed(0)
-    net = tiny_3d(deep_supervision=True, direction_merge="separate", gate_norm="channel", layer_scale=0.1,
-                  dt_min=0.01, dt_max=0.5, mamba_stages=[3, 5])
+    net = tiny_3d(
+        deep_supervision=True,
+        direction_merge="separate",
+        gate_norm="channel",
+        layer_scale=0.1,
+        dt_min=0.01,
+        dt_max=0.5,
+        mamba_stages=[3, 5],
+    )
     assert len(net.encoder.stages[5].mamba_layers[0].mambas) == 6
     assert_every_parameter_gets_gradient(net, torch.randn(1, 2, 64, 64, 64))
 

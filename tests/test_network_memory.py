@@ -9,13 +9,18 @@ from nnunetv2_hymunet.network.memory import saved_for_backward_bytes
 from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs as hymunet
 from tests.test_network import ISIC_LIKE_FEATURES, STRIDES_3D_BRATS, plans_kwargs
 
-ISIC_2D = dict(kwargs=plans_kwargs(2, ISIC_LIKE_FEATURES, [[1, 1]] + [[2, 2]] * 7), channels=3, classes=2,
-               patch=(256, 256))  # the ISIC-like plan's network at a smaller patch (Mamba on 2x2..16x16 tokens)
-BRATS_3D = dict(kwargs=plans_kwargs(3, (32, 64, 128, 256, 320, 320), STRIDES_3D_BRATS), channels=4, classes=3,
-                patch=(64, 64, 64))  # the BraTS-like plan's network at 64^3 (Mamba on 2^3..8^3 tokens)
-VARIANTS = {"default": {}, "separate+layer_scale": {"direction_merge": "separate", "layer_scale": 1e-2},
-            "noMamba": {"n_mamba_stages": 0},
-            "concat, Mamba on stages 3-4": {"fusion": "concat", "mamba_stages": [3, 4]}}
+ISIC_2D = dict(
+    kwargs=plans_kwargs(2, ISIC_LIKE_FEATURES, [[1, 1]] + [[2, 2]] * 7), channels=3, classes=2, patch=(256, 256)
+)  # the ISIC-like plan's network at a smaller patch (Mamba on 2x2..16x16 tokens)
+BRATS_3D = dict(
+    kwargs=plans_kwargs(3, (32, 64, 128, 256, 320, 320), STRIDES_3D_BRATS), channels=4, classes=3, patch=(64, 64, 64)
+)  # the BraTS-like plan's network at 64^3 (Mamba on 2^3..8^3 tokens)
+VARIANTS = {
+    "default": {},
+    "separate+layer_scale": {"direction_merge": "separate", "layer_scale": 1e-2},
+    "noMamba": {"n_mamba_stages": 0},
+    "concat, Mamba on stages 3-4": {"fusion": "concat", "mamba_stages": [3, 4]},
+}
 
 
 def _build(plan, knobs=None):

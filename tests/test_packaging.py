@@ -32,8 +32,23 @@ def _run(command, cwd, env, timeout=300) -> subprocess.CompletedProcess:
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     # offline: hatchling is in the test extra, so no isolated build environment has to be downloaded
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
-                  out, REPO], cwd=out, env=dict(os.environ))
+    built = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            out,
+            REPO,
+        ],
+        cwd=out,
+        env=dict(os.environ),
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     (path,) = out.glob("nnunetv2_hymunet-*.whl")
     return path
@@ -54,8 +69,11 @@ def installed(wheel, tmp_path_factory) -> dict:
     site = Path(site.stdout.strip())
     (site / "_project_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # --ignore-installed: pip must not try to replace the editable install it sees through the chained folder
-    pip = _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", wheel],
-               cwd=work, env=env)
+    pip = _run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", wheel],
+        cwd=work,
+        env=env,
+    )
     assert pip.returncode == 0, pip.stdout + pip.stderr
     return {"root": root, "venv": venv, "site": site, "python": python, "work": work, "env": env}
 
@@ -76,9 +94,17 @@ def test_wheel_holds_presets_kernel_source_and_startup_hook(wheel):
 
 
 def test_the_installed_wheel_is_what_gets_imported(installed):
-    probe = _run([installed["python"], "-c", "import os, sys, nnunetv2_hymunet, nnunetv2; "
-                  "print(nnunetv2_hymunet.__file__); print(nnunetv2.__file__); print(os.environ['nnUNet_extTrainer']); "
-                  "print(os.pathsep.join(sys.path))"], cwd=installed["work"], env=installed["env"])
+    probe = _run(
+        [
+            installed["python"],
+            "-c",
+            "import os, sys, nnunetv2_hymunet, nnunetv2; "
+            "print(nnunetv2_hymunet.__file__); print(nnunetv2.__file__); print(os.environ['nnUNet_extTrainer']); "
+            "print(os.pathsep.join(sys.path))",
+        ],
+        cwd=installed["work"],
+        env=installed["env"],
+    )
     assert probe.returncode == 0, probe.stderr
     ours, nnunet, ext, path = probe.stdout.split("\n")[:4]
     assert str(REPO) not in [os.path.abspath(p) for p in path.split(os.pathsep) if p]
@@ -96,11 +122,18 @@ def test_plan_with_a_bundled_preset(installed):
     (dataset / "nnUNetPlans.json").write_text(json.dumps(plans))
     (dataset / "dataset.json").write_text(json.dumps(tiny_dataset_json()))
     write_planner_inputs(installed["root"] / "raw", dataset, plans, tiny_dataset_json())
-    env = dict(installed["env"], nnUNet_preprocessed=str(preprocessed), nnUNet_raw=str(installed["root"] / "raw"),
-               nnUNet_results=str(installed["root"] / "results"))
+    env = dict(
+        installed["env"],
+        nnUNet_preprocessed=str(preprocessed),
+        nnUNet_raw=str(installed["root"] / "raw"),
+        nnUNet_results=str(installed["root"] / "results"),
+    )
     hymunet = installed["venv"] / "bin" / "hymunet"
-    result = _run([hymunet, "plan", "-d", "Dataset900_Unit", "-c", "2d", "--preset", "isic2018_2d"],
-                  cwd=installed["work"], env=env)
+    result = _run(
+        [hymunet, "plan", "-d", "Dataset900_Unit", "-c", "2d", "--preset", "isic2018_2d"],
+        cwd=installed["work"],
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     written = dataset / "nnUNetHyMUNetPlans.json"
     assert f"wrote {written}" in result.stdout
@@ -109,8 +142,11 @@ def test_plan_with_a_bundled_preset(installed):
     assert configuration["patch_size"] == [256, 256]  # the preset's, so the packaged JSON was read
     assert configuration["architecture"]["arch_kwargs"]["scan"] == "cross"
 
-    missing = _run([hymunet, "plan", "-d", "Dataset900_Unit", "-c", "2d", "--preset", "no_such_preset"],
-                   cwd=installed["work"], env=env)
+    missing = _run(
+        [hymunet, "plan", "-d", "Dataset900_Unit", "-c", "2d", "--preset", "no_such_preset"],
+        cwd=installed["work"],
+        env=env,
+    )
     assert missing.returncode == 1
     assert "no_such_preset" in missing.stderr and "isic2018_2d" in missing.stderr
 

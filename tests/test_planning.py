@@ -23,7 +23,8 @@ def nnunet_2d_plans(dataset: str, n_training: int) -> dict:
 
     plans = tiny_plans(patch_size=[64, 64])
     configuration = ExperimentPlanner(dataset).get_plans_for_configuration(
-        [1.0, 1.0], [64.0, 64.0], "nnUNetPlans_2d", 64 * 64 * n_training, {})
+        [1.0, 1.0], [64.0, 64.0], "nnUNetPlans_2d", 64 * 64 * n_training, {}
+    )
     configuration["batch_dice"] = True
     plans["configurations"]["2d"] = configuration
     recursive_fix_for_json_export(plans)
@@ -73,14 +74,17 @@ def test_top_level_plans_folder_is_no_second_copy():
         assert f"nnunetv2_hymunet/presets/{name}.json" in readme
 
 
-@pytest.mark.parametrize("preset, message", [
-    ({"hybrid_knob": {}}, "unknown key"),
-    ({"hybrid_knobs": {"scan": "diagonal"}}, "scan"),
-    ({"hybrid_knobs": {"d_sate": 16}}, "unknown HyMUNet knob 'd_sate'"),
-    ({"configurations": {"2d": {"batch": 2}}}, r"configurations\.2d: unknown key"),
-    ({"configurations": {"2d": {"patch_size": [64, "64"]}}}, "patch_size"),
-    ({"gpu_memory_gb": -1}, "gpu_memory_gb"),
-])
+@pytest.mark.parametrize(
+    "preset, message",
+    [
+        ({"hybrid_knob": {}}, "unknown key"),
+        ({"hybrid_knobs": {"scan": "diagonal"}}, "scan"),
+        ({"hybrid_knobs": {"d_sate": 16}}, "unknown HyMUNet knob 'd_sate'"),
+        ({"configurations": {"2d": {"batch": 2}}}, r"configurations\.2d: unknown key"),
+        ({"configurations": {"2d": {"patch_size": [64, "64"]}}}, "patch_size"),
+        ({"gpu_memory_gb": -1}, "gpu_memory_gb"),
+    ],
+)
 def test_preset_errors_name_the_file_and_key(preset, message):
     with pytest.raises(HyMUNetError, match=message) as info:
         validate_preset(preset, "my_preset.json")
@@ -96,8 +100,10 @@ def test_writes_hymunet_plans_next_to_nnunet_plans(preprocessed):
     assert plans["plans_name"] == "nnUNetHyMUNetPlans"
     assert configuration["architecture"]["network_class_name"] == HYMUNET_CLASS_NAME
     assert configuration["data_identifier"] == source["configurations"]["2d"]["data_identifier"]
-    assert configuration["architecture"]["arch_kwargs"]["strides"] == \
-        source["configurations"]["2d"]["architecture"]["arch_kwargs"]["strides"]
+    assert (
+        configuration["architecture"]["arch_kwargs"]["strides"]
+        == source["configurations"]["2d"]["architecture"]["arch_kwargs"]["strides"]
+    )
     # nnU-Net's loop with HyMUNet's estimate: the same topology and patch here, and as the Mamba stages cost memory,
     # a batch no larger than nnU-Net's for PlainConvUNet
     assert configuration["patch_size"] == source["configurations"]["2d"]["patch_size"] == [64, 64]
@@ -107,21 +113,32 @@ def test_writes_hymunet_plans_next_to_nnunet_plans(preprocessed):
 
     # the stock nnU-Net machinery builds HyMUNet from it
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
     arch = configuration["architecture"]
-    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2,
-                                 deep_supervision=True)
+    net = get_network_from_plans(
+        arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 2, deep_supervision=True
+    )
     assert type(net).__name__ == "HyMUNet"
 
 
 def test_smaller_gpu_target_gives_a_smaller_batch_and_presets_override(preprocessed, tmp_path):
     _, big = write_hymunet_plans("Dataset900_Unit", gpu_memory_gb=8)
     _, small = write_hymunet_plans("Dataset900_Unit", gpu_memory_gb=0.05)
-    assert small["2d"]["hymunet"]["batch_size"] < big["2d"]["hymunet"]["batch_size"] or \
-        small["2d"]["hymunet"]["patch_size"] != big["2d"]["hymunet"]["patch_size"]
+    assert (
+        small["2d"]["hymunet"]["batch_size"] < big["2d"]["hymunet"]["batch_size"]
+        or small["2d"]["hymunet"]["patch_size"] != big["2d"]["hymunet"]["patch_size"]
+    )
 
     preset = tmp_path / "p.json"
-    preset.write_text(json.dumps({"plans_name": "nnUNetHyMUNetFlatPlans", "hybrid_knobs": {"scan": "flat"},
-                                  "configurations": {"2d": {"patch_size": [32, 32], "batch_size": 5}}}))
+    preset.write_text(
+        json.dumps(
+            {
+                "plans_name": "nnUNetHyMUNetFlatPlans",
+                "hybrid_knobs": {"scan": "flat"},
+                "configurations": {"2d": {"patch_size": [32, 32], "batch_size": 5}},
+            }
+        )
+    )
     target, _ = write_hymunet_plans("900", preset_path=str(preset))
     configuration = json.loads(open(target).read())["configurations"]["2d"]
     assert os.path.basename(target) == "nnUNetHyMUNetFlatPlans.json"
@@ -169,12 +186,14 @@ def test_plans_file_is_explicit_and_the_trainer_derives_the_same_network(preproc
     assert "n_conv_per_stage" not in kwargs
 
     torch.manual_seed(0)
-    planned = get_network_from_plans(arch["network_class_name"], kwargs, arch["_kw_requires_import"], 1, 2,
-                                     deep_supervision=True)
+    planned = get_network_from_plans(
+        arch["network_class_name"], kwargs, arch["_kw_requires_import"], 1, 2, deep_supervision=True
+    )
     plans_manager = PlansManager(json.loads((preprocessed / "nnUNetPlans.json").read_text()))
     torch.manual_seed(0)
-    trained = nnUNetTrainerHyMUNet.build_network_architecture(plans_manager, plans_manager.get_configuration("2d"),
-                                                              1, 2, True)
+    trained = nnUNetTrainerHyMUNet.build_network_architecture(
+        plans_manager, plans_manager.get_configuration("2d"), 1, 2, True
+    )
     a, b = planned.state_dict(), trained.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -184,13 +203,24 @@ def test_a_diff_of_two_plans_files_shows_the_knobs(preprocessed, tmp_path):
 
     write_hymunet_plans("900")
     preset = tmp_path / "flat.json"
-    preset.write_text(json.dumps({"plans_name": "nnUNetHyMUNetFlatPlans",
-                                  "hybrid_knobs": {"scan": "flat", "n_mamba_stages": 1, "gate_norm": "channel"}}))
+    preset.write_text(
+        json.dumps(
+            {
+                "plans_name": "nnUNetHyMUNetFlatPlans",
+                "hybrid_knobs": {"scan": "flat", "n_mamba_stages": 1, "gate_norm": "channel"},
+            }
+        )
+    )
     write_hymunet_plans("900", preset_path=str(preset))
-    lines = [(preprocessed / f"{name}.json").read_text().splitlines() for name in
-             ("nnUNetHyMUNetPlans", "nnUNetHyMUNetFlatPlans")]
-    changed = [line for line in difflib.unified_diff(*lines, lineterm="", n=0)
-               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    lines = [
+        (preprocessed / f"{name}.json").read_text().splitlines()
+        for name in ("nnUNetHyMUNetPlans", "nnUNetHyMUNetFlatPlans")
+    ]
+    changed = [
+        line
+        for line in difflib.unified_diff(*lines, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
     removed = [line[1:].strip() for line in changed if line.startswith("-")]
     added = [line[1:].strip() for line in changed if line.startswith("+")]
     assert '"scan": "cross",' in removed and '"scan": "flat",' in added
@@ -211,15 +241,27 @@ def test_planner_sizes_with_hymunets_own_estimate(preprocessed):
     planner = nnUNetPlannerHyMUNet("900")
     unet = json.loads((preprocessed / "nnUNetPlans.json").read_text())["configurations"]["2d"]["architecture"]
     hymunet = planner.hymunet_architecture(unet["arch_kwargs"])
-    net = get_network_from_plans(hymunet["network_class_name"], hymunet["arch_kwargs"], hymunet["_kw_requires_import"],
-                                 1, 2, allow_init=False, deep_supervision=None)  # nnU-Net estimates without DS
-    estimate = planner.static_estimate_VRAM_usage((64, 64), 1, 2, unet["network_class_name"], unet["arch_kwargs"],
-                                                  unet["_kw_requires_import"])
+    net = get_network_from_plans(
+        hymunet["network_class_name"],
+        hymunet["arch_kwargs"],
+        hymunet["_kw_requires_import"],
+        1,
+        2,
+        allow_init=False,
+        deep_supervision=None,
+    )  # nnU-Net estimates without DS
+    estimate = planner.static_estimate_VRAM_usage(
+        (64, 64), 1, 2, unet["network_class_name"], unet["arch_kwargs"], unet["_kw_requires_import"]
+    )
     assert estimate == net.compute_conv_feature_map_size((64, 64))
     assert estimate != planner.estimate(unet, (64, 64))  # not PlainConvUNet's
     planner.knob_overrides = {"n_mamba_stages": 0, "fusion": "concat"}
-    assert planner.static_estimate_VRAM_usage((64, 64), 1, 2, unet["network_class_name"], unet["arch_kwargs"],
-                                              unet["_kw_requires_import"]) < estimate
+    assert (
+        planner.static_estimate_VRAM_usage(
+            (64, 64), 1, 2, unet["network_class_name"], unet["arch_kwargs"], unet["_kw_requires_import"]
+        )
+        < estimate
+    )
     assert planner.generate_data_identifier("2d") == "nnUNetPlans_2d"
     assert planner.generate_data_identifier("3d_lowres") == "nnUNetHyMUNetPlans_3d_lowres"
 
@@ -235,8 +277,9 @@ def test_nnunet_route_plan_experiment(preprocessed, tmp_path):
 
     raw = tmp_path / "raw" / "Dataset900_Unit"
     (raw / "labelsTr").mkdir()
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 64, 64), np.float32)), str(raw / "imagesTr" /
-                                                                                   "case_0000.nii.gz"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((1, 64, 64), np.float32)), str(raw / "imagesTr" / "case_0000.nii.gz")
+    )
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 64, 64), np.uint8)), str(raw / "labelsTr" / "case.nii.gz"))
     plans = nnUNetPlannerHyMUNet("900").plan_experiment()
     written = json.loads((preprocessed / "nnUNetHyMUNetPlans.json").read_text())
@@ -251,8 +294,14 @@ def test_nnunet_route_plan_experiment(preprocessed, tmp_path):
     assert configuration["architecture"]["arch_kwargs"]["strides"] == source["architecture"]["arch_kwargs"]["strides"]
     # hymunet plan may replace what the planner wrote
     write_hymunet_plans("900")
-    assert recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"),
-                                       "nnUNetPlannerHyMUNet", "nnunetv2.experiment_planning") is None
+    assert (
+        recursive_find_python_class(
+            os.path.join(nnunetv2.__path__[0], "experiment_planning"),
+            "nnUNetPlannerHyMUNet",
+            "nnunetv2.experiment_planning",
+        )
+        is None
+    )
 
 
 def test_plan_needs_what_nnunets_planners_read(preprocessed, tmp_path, capsys):

@@ -17,14 +17,26 @@ from nnunetv2_hymunet.training import variants
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-DEFAULT_KNOBS = {"scan": "cross", "fusion": "mgf", "d_state": 16, "d_conv": 4, "expand": 2,
-                 "mamba_max_inner_channels": 512, "n_mamba_layers_per_stage": 1, "direction_merge": "mean",
-                 "dt_min": 0.001, "dt_max": 0.1, "gate_norm": "instance", "layer_scale": None}
+DEFAULT_KNOBS = {
+    "scan": "cross",
+    "fusion": "mgf",
+    "d_state": 16,
+    "d_conv": 4,
+    "expand": 2,
+    "mamba_max_inner_channels": 512,
+    "n_mamba_layers_per_stage": 1,
+    "direction_merge": "mean",
+    "dt_min": 0.001,
+    "dt_max": 0.1,
+    "gate_norm": "instance",
+    "layer_scale": None,
+}
 
 
 def unet_kwargs(dim=2, n_stages=6):
     return tiny_plans(dim=dim, n_stages=n_stages, features=(4, 8, 8, 8, 8, 8, 8))["configurations"][
-        "2d" if dim == 2 else "3d_fullres"]["architecture"]["arch_kwargs"]
+        "2d" if dim == 2 else "3d_fullres"
+    ]["architecture"]["arch_kwargs"]
 
 
 def test_knob_names_and_defaults():
@@ -36,18 +48,31 @@ def test_knob_names_and_defaults():
     assert HybridKnobs(mamba_stages=[4, 1]).mamba_stages == (1, 4)
 
 
-@pytest.mark.parametrize("knobs, match", [
-    ({"scan": "diagonal"}, "knob scan='diagonal' is not one of flat, bidir, cross"),
-    ({"fusion": "add"}, "knob fusion="), ({"direction_merge": "max"}, "knob direction_merge="),
-    ({"gate_norm": "batch"}, "knob gate_norm="), ({"d_state": 0}, "knob d_state"), ({"d_conv": 2.5}, "knob d_conv"),
-    ({"expand": 0.5}, "knob expand"), ({"expand": True}, "knob expand"),
-    ({"mamba_max_inner_channels": 0}, "mamba_max_inner_channels"), ({"n_mamba_layers_per_stage": 0}, "n_mamba_layers"),
-    ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"), ({"dt_max": float("nan")}, "dt_min"),
-    ({"layer_scale": -1.0}, "layer_scale"), ({"layer_scale": "1e-6"}, "layer_scale"),
-    ({"n_mamba_stages": -1}, "n_mamba_stages"), ({"n_mamba_stages": True}, "n_mamba_stages"),
-    ({"mamba_stages": [2, 2]}, "mamba_stages"), ({"mamba_stages": "3"}, "mamba_stages"),
-    ({"mamba_stages": [1.5]}, "mamba_stages"), ({"d_sate": 16}, "unknown HyMUNet knob 'd_sate'"),
-])
+@pytest.mark.parametrize(
+    "knobs, match",
+    [
+        ({"scan": "diagonal"}, "knob scan='diagonal' is not one of flat, bidir, cross"),
+        ({"fusion": "add"}, "knob fusion="),
+        ({"direction_merge": "max"}, "knob direction_merge="),
+        ({"gate_norm": "batch"}, "knob gate_norm="),
+        ({"d_state": 0}, "knob d_state"),
+        ({"d_conv": 2.5}, "knob d_conv"),
+        ({"expand": 0.5}, "knob expand"),
+        ({"expand": True}, "knob expand"),
+        ({"mamba_max_inner_channels": 0}, "mamba_max_inner_channels"),
+        ({"n_mamba_layers_per_stage": 0}, "n_mamba_layers"),
+        ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
+        ({"dt_max": float("nan")}, "dt_min"),
+        ({"layer_scale": -1.0}, "layer_scale"),
+        ({"layer_scale": "1e-6"}, "layer_scale"),
+        ({"n_mamba_stages": -1}, "n_mamba_stages"),
+        ({"n_mamba_stages": True}, "n_mamba_stages"),
+        ({"mamba_stages": [2, 2]}, "mamba_stages"),
+        ({"mamba_stages": "3"}, "mamba_stages"),
+        ({"mamba_stages": [1.5]}, "mamba_stages"),
+        ({"d_sate": 16}, "unknown HyMUNet knob 'd_sate'"),
+    ],
+)
 def test_bad_knobs_are_one_line_errors_naming_the_knob(knobs, match):
     with pytest.raises(HyMUNetError, match=match) as info:
         HybridKnobs.from_dict(knobs, "my.json: hybrid_knobs")
@@ -90,9 +115,24 @@ def test_explicit_layout_from_plain_conv_unet_plans(dim):
     assert kwargs["mamba_stages"] == [3, 4, 5]
     assert {k: kwargs[k] for k in DEFAULT_KNOBS} == DEFAULT_KNOBS
     assert "n_conv_per_stage" not in kwargs and "n_mamba_stages" not in kwargs
-    assert set(kwargs) == {"n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "conv_bias",
-                           "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin", "nonlin_kwargs",
-                           "n_blocks_per_stage", "n_conv_per_stage_decoder", "mamba_stages", *DEFAULT_KNOBS}
+    assert set(kwargs) == {
+        "n_stages",
+        "features_per_stage",
+        "conv_op",
+        "kernel_sizes",
+        "strides",
+        "conv_bias",
+        "norm_op",
+        "norm_op_kwargs",
+        "dropout_op",
+        "dropout_op_kwargs",
+        "nonlin",
+        "nonlin_kwargs",
+        "n_blocks_per_stage",
+        "n_conv_per_stage_decoder",
+        "mamba_stages",
+        *DEFAULT_KNOBS,
+    }
     three_convs = dict(unet_kwargs(dim, n_stages=5), n_conv_per_stage=[3] * 5, n_conv_per_stage_decoder=[3] * 4)
     kwargs = hymunet_arch_kwargs(PLAIN, three_convs)
     # 5 stages: the deepest two are hybrid; only the deepest decoder level is fed by a hybrid skip (stage 3)
@@ -102,8 +142,12 @@ def test_explicit_layout_from_plain_conv_unet_plans(dim):
 
 def test_explicit_layout_from_resenc_plans():
     resenc = {k: v for k, v in unet_kwargs().items() if k != "n_conv_per_stage"}
-    resenc.update(n_blocks_per_stage=(1, 3, 4, 6, 6, 6), n_conv_per_stage_decoder=(1, 1, 1, 1, 1),
-                  block="BasicBlockD", stem_channels=None)
+    resenc.update(
+        n_blocks_per_stage=(1, 3, 4, 6, 6, 6),
+        n_conv_per_stage_decoder=(1, 1, 1, 1, 1),
+        block="BasicBlockD",
+        stem_channels=None,
+    )
     kwargs = hymunet_arch_kwargs(RESENC, resenc)
     assert kwargs["n_blocks_per_stage"] == [1, 3, 4, 1, 1, 1] and kwargs["n_conv_per_stage_decoder"] == [1] * 5
     assert "block" not in kwargs and "stem_channels" not in kwargs
@@ -119,8 +163,9 @@ def test_explicit_kwargs_are_a_fixed_point_and_json_round_trip():
     assert hymunet_arch_kwargs(HYMUNET_CLASS_NAME, custom) == custom
 
 
-@pytest.mark.parametrize("variant", [v for v in vars(variants).values()
-                                     if isinstance(v, type) and getattr(v, "hybrid_knobs", None)])
+@pytest.mark.parametrize(
+    "variant", [v for v in vars(variants).values() if isinstance(v, type) and getattr(v, "hybrid_knobs", None)]
+)
 def test_ablation_variants_rewrite_only_their_knobs(variant):
     base = hymunet_arch_kwargs(PLAIN, unet_kwargs())
     for plans in (base, hymunet_arch_kwargs(PLAIN, unet_kwargs(), {"mamba_stages": [1, 5], "scan": "bidir"})):
@@ -142,9 +187,11 @@ def test_hymunet_0_1_0_plans_read_as_the_unet_plan_they_came_from():
     expected = hymunet_arch_kwargs(PLAIN, unet_kwargs(), {"scan": "flat", "n_mamba_stages": 2})
     assert hymunet_arch_kwargs(HYMUNET_CLASS_NAME, legacy) == expected
     plans = tiny_plans(n_stages=6, features=(4, 8, 8, 8, 8, 8))
-    plans["configurations"]["2d"]["architecture"] = {"network_class_name": HYMUNET_CLASS_NAME,
-                                                     "arch_kwargs": copy.deepcopy(legacy),
-                                                     "_kw_requires_import": ["conv_op"]}
+    plans["configurations"]["2d"]["architecture"] = {
+        "network_class_name": HYMUNET_CLASS_NAME,
+        "arch_kwargs": copy.deepcopy(legacy),
+        "_kw_requires_import": ["conv_op"],
+    }
     assert upgrade_plans(plans) == ["2d"] and upgrade_plans(plans) == []
     assert plans["configurations"]["2d"]["architecture"]["arch_kwargs"] == expected
 
@@ -177,17 +224,36 @@ def hymunet_0_1_0(input_channels, num_classes, plan, knobs):
     mamba = [s in knobs.get("mamba_stages", range(n - k, n)) for s in range(n)]
     net = torch.nn.Module()
     net.encoder = HybridEncoder(
-        input_channels, plan["features_per_stage"], plan["conv_op"], plan["kernel_sizes"], plan["strides"], blocks,
-        mamba, plan["conv_bias"], plan["norm_op"], plan["norm_op_kwargs"], None, None, plan["nonlin"],
-        plan["nonlin_kwargs"], knobs.get("scan", "cross"), direction_merge=knobs.get("direction_merge", "mean"))
+        input_channels,
+        plan["features_per_stage"],
+        plan["conv_op"],
+        plan["kernel_sizes"],
+        plan["strides"],
+        blocks,
+        mamba,
+        plan["conv_bias"],
+        plan["norm_op"],
+        plan["norm_op_kwargs"],
+        None,
+        None,
+        plan["nonlin"],
+        plan["nonlin_kwargs"],
+        knobs.get("scan", "cross"),
+        direction_merge=knobs.get("direction_merge", "mean"),
+    )
     net.decoder = FusionUNetDecoder(net.encoder, num_classes, decoder, True, knobs.get("fusion", "mgf"))
     return net
 
 
-@pytest.mark.parametrize("dim, n_conv, knobs", [
-    (2, 2, {}), (3, 2, {}), (2, 3, {"scan": "bidir", "n_mamba_stages": 2, "fusion": "concat"}),
-    (3, 3, {"mamba_stages": [1, 5], "direction_merge": "separate"}),
-])
+@pytest.mark.parametrize(
+    "dim, n_conv, knobs",
+    [
+        (2, 2, {}),
+        (3, 2, {}),
+        (2, 3, {"scan": "bidir", "n_mamba_stages": 2, "fusion": "concat"}),
+        (3, 3, {"mamba_stages": [1, 5], "direction_merge": "separate"}),
+    ],
+)
 def test_explicit_kwargs_build_the_0_1_0_network(dim, n_conv, knobs):
     """Same seed: the network built from the explicit kwargs has 0.1.0's state_dict keys, shapes and values."""
     import torch
@@ -195,12 +261,22 @@ def test_explicit_kwargs_build_the_0_1_0_network(dim, n_conv, knobs):
 
     from nnunetv2_hymunet.network import HyMUNet
 
-    plan = dict(n_stages=6, features_per_stage=[2, 4, 4, 8, 8, 8], conv_op=nn.Conv2d if dim == 2 else nn.Conv3d,
-                kernel_sizes=[[3] * dim] * 6, strides=[[1] * dim] + [[2] * dim] * 5, n_conv_per_stage=[n_conv] * 6,
-                n_conv_per_stage_decoder=[n_conv] * 5, conv_bias=True,
-                norm_op=nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d,
-                norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
-                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    plan = dict(
+        n_stages=6,
+        features_per_stage=[2, 4, 4, 8, 8, 8],
+        conv_op=nn.Conv2d if dim == 2 else nn.Conv3d,
+        kernel_sizes=[[3] * dim] * 6,
+        strides=[[1] * dim] + [[2] * dim] * 5,
+        n_conv_per_stage=[n_conv] * 6,
+        n_conv_per_stage_decoder=[n_conv] * 5,
+        conv_bias=True,
+        norm_op=nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        dropout_op=None,
+        dropout_op_kwargs=None,
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    )
     torch.manual_seed(0)
     reference = hymunet_0_1_0(2, 3, plan, knobs)
     reference.apply(HyMUNet.initialize)

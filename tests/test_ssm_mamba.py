@@ -44,7 +44,7 @@ def test_initialisation_rules():
     dt = F.softplus(module.dt_proj.bias.detach().double())
     assert dt.min() >= max(dt_min, floor) * (1 - 1e-5) and dt.max() <= dt_max * (1 + 1e-5)
     assert dt.max() / dt.min() > 10, "dt should spread log-uniformly over [dt_min, dt_max]"
-    bound = module.dt_rank ** -0.5
+    bound = module.dt_rank**-0.5
     assert module.dt_proj.weight.abs().max() <= bound and module.dt_proj.weight.abs().max() > bound / 2
     assert module.A_log._no_weight_decay and module.D._no_weight_decay and module.dt_proj.bias._no_reinit
     assert module.dt_rank == math.ceil(64 / 16)

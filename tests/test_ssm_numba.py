@@ -24,14 +24,14 @@ def _run(script: str, prelude: str = "", **env_overrides) -> str:
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "NUMBA_THREADING_LAYER")}
     env.update(env_overrides)
     code = prelude + textwrap.dedent(SCAN) + textwrap.dedent(script)
-    result = subprocess.run([sys.executable, "-c", code],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 def test_import_changes_no_numba_state_and_first_scan_picks_the_fork_safe_layer():
-    out = _run("""
+    out = _run(
+        """
         import numba
         from numba.np.ufunc import parallel
         import nnunetv2_hymunet.ssm.scan_numba
@@ -41,12 +41,15 @@ def test_import_changes_no_numba_state_and_first_scan_picks_the_fork_safe_layer(
         assert not parallel._is_initialized
         scan()
         print(numba.config.THREADING_LAYER, numba.threading_layer())
-    """, **{ENV_VAR: "numba"})
+    """,
+        **{ENV_VAR: "numba"},
+    )
     assert out.split() == ["workqueue", "workqueue"]
 
 
 def test_a_numba_pool_started_by_other_code_is_left_alone():
-    out = _run("""
+    out = _run(
+        """
         import os
         import numba
         import numpy as np
@@ -64,12 +67,15 @@ def test_a_numba_pool_started_by_other_code_is_left_alone():
         os.environ["HYMUNET_SCAN_BACKEND"] = "reference"
         torch.testing.assert_close(numba_out, scan())
         print(numba.config.THREADING_LAYER, numba.threading_layer() == layer)
-    """, **{ENV_VAR: "numba"})
+    """,
+        **{ENV_VAR: "numba"},
+    )
     assert out.split() == ["default", "True"]
 
 
 def test_without_numba_the_cpu_falls_back_to_torch(tmp_path):
-    out = _run("""
+    out = _run(
+        """
         import os
         from nnunetv2_hymunet.errors import HyMUNetError
         from nnunetv2_hymunet.ssm import resolve_backend
@@ -82,7 +88,10 @@ def test_without_numba_the_cpu_falls_back_to_torch(tmp_path):
         os.environ["HYMUNET_SCAN_BACKEND"] = "reference"
         torch.testing.assert_close(fallback, scan())
         print("ok")
-    """, prelude="import sys\nsys.modules['numba'] = None  # numba not installed: importing it raises ImportError\n",
-               CC="no-such-compiler", HYMUNET_CACHE_DIR=str(tmp_path))
+    """,
+        prelude="import sys\nsys.modules['numba'] = None  # numba not installed: importing it raises ImportError\n",
+        CC="no-such-compiler",
+        HYMUNET_CACHE_DIR=str(tmp_path),
+    )
     assert "pip install 'nnunetv2-hymunet[numba]'" in out
     assert out.strip().endswith("ok")

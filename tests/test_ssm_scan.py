@@ -45,9 +45,18 @@ def make_inputs(seed, batch, dim, length, n_state, groups, dtype, delta_scale=1.
 
 def run_scan(backend, inputs, monkeypatch, return_last_state=True):
     monkeypatch.setenv(ENV_VAR, backend)
-    return selective_scan_fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
-                             z=inputs["z"], delta_bias=inputs["delta_bias"], delta_softplus=True,
-                             return_last_state=return_last_state)
+    return selective_scan_fn(
+        inputs["u"],
+        inputs["delta"],
+        inputs["A"],
+        inputs["B"],
+        inputs["C"],
+        inputs["D"],
+        z=inputs["z"],
+        delta_bias=inputs["delta_bias"],
+        delta_softplus=True,
+        return_last_state=return_last_state,
+    )
 
 
 def outputs_and_grads(backend, inputs, monkeypatch, seed=0):
@@ -154,15 +163,33 @@ def test_autocast_runs_recurrence_in_float32(backend, monkeypatch):
     bf16 = {k: v.detach().to(torch.bfloat16) for k, v in inputs.items()}
     monkeypatch.setenv(ENV_VAR, backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, last_state = selective_scan_fn(bf16["u"], bf16["delta"], bf16["A"], bf16["B"], bf16["C"], bf16["D"],
-                                            z=bf16["z"], delta_bias=bf16["delta_bias"], delta_softplus=True,
-                                            return_last_state=True)
+        out, last_state = selective_scan_fn(
+            bf16["u"],
+            bf16["delta"],
+            bf16["A"],
+            bf16["B"],
+            bf16["C"],
+            bf16["D"],
+            z=bf16["z"],
+            delta_bias=bf16["delta_bias"],
+            delta_softplus=True,
+            return_last_state=True,
+        )
     assert out.dtype == torch.bfloat16
     assert last_state.dtype == torch.float32
     f32 = {k: v.float() for k, v in bf16.items()}
-    expected, expected_state = selective_scan_fn(f32["u"], f32["delta"], f32["A"], f32["B"], f32["C"], f32["D"],
-                                                 z=f32["z"], delta_bias=f32["delta_bias"], delta_softplus=True,
-                                                 return_last_state=True)
+    expected, expected_state = selective_scan_fn(
+        f32["u"],
+        f32["delta"],
+        f32["A"],
+        f32["B"],
+        f32["C"],
+        f32["D"],
+        z=f32["z"],
+        delta_bias=f32["delta_bias"],
+        delta_softplus=True,
+        return_last_state=True,
+    )
     assert torch.equal(out, expected.to(torch.bfloat16))
     assert rel_err(last_state, expected_state) <= 1e-6
 
@@ -243,8 +270,9 @@ def test_cpu_kernel_works_in_forked_worker(backend):
     """)
     env = dict(os.environ)
     env.pop(ENV_VAR, None)
-    result = subprocess.run([sys.executable, "-c", script, backend], capture_output=True, text=True, timeout=300,
-                            env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", script, backend], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0 and "fork ok" in result.stdout, result.stdout + result.stderr
 
 

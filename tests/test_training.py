@@ -52,8 +52,9 @@ def test_every_trainer_is_exported_and_is_an_nnunet_trainer():
 def test_signature_is_recognised_by_nnunet_on_class_and_instance(tmp_path, monkeypatch):
     # nnU-Net picks the 2.7+ calling convention by looking for 'plans_manager' in the signature (predictor: on the
     # class; trainer.initialize: on the instance), then passes the arguments positionally.
-    assert list(inspect.signature(nnUNetTrainerHyMUNet_noMGF.build_network_architecture).parameters)[0] == \
-        "plans_manager"
+    assert (
+        list(inspect.signature(nnUNetTrainerHyMUNet_noMGF.build_network_architecture).parameters)[0] == "plans_manager"
+    )
     trainer = _trainer(nnUNetTrainerHyMUNet_noMGF, tmp_path, monkeypatch)
     assert "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters
     trainer.initialize()
@@ -89,8 +90,7 @@ def test_builds_from_plain_and_resenc_plans_in_2d_and_3d(dim):
     assert net(torch.randn(1, 1, *patch)).shape == (1, 2, *patch)
 
     architecture = plans["configurations"][configuration]["architecture"]
-    architecture["network_class_name"] = \
-        "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"
+    architecture["network_class_name"] = "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"
     architecture["arch_kwargs"]["n_blocks_per_stage"] = architecture["arch_kwargs"].pop("n_conv_per_stage")
     architecture["arch_kwargs"].update(block="BasicBlockD", bottleneck_channels=None, stem_channels=None)
     net = _build(nnUNetTrainerHyMUNet, plans, configuration, deep_supervision=False)
@@ -100,8 +100,10 @@ def test_builds_from_plain_and_resenc_plans_in_2d_and_3d(dim):
 def test_non_unet_plans_give_a_clear_error():
     plans = tiny_plans()
     plans["configurations"]["2d"]["architecture"] = {
-        "network_class_name": "nnunetv2.training.nnUNetTrainer.primus.Primus", "arch_kwargs": {"embed_dim": 8},
-        "_kw_requires_import": []}
+        "network_class_name": "nnunetv2.training.nnUNetTrainer.primus.Primus",
+        "arch_kwargs": {"embed_dim": 8},
+        "_kw_requires_import": [],
+    }
     with pytest.raises(HyMUNetError, match="strides"):
         _build(nnUNetTrainerHyMUNet, plans)
 

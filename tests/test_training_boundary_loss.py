@@ -105,6 +105,7 @@ def test_trainer_adds_a_ramped_term_at_every_deep_supervision_scale(tmp_path, mo
     without = loss(outputs, targets)
     trainer._boundary_term.boundary_weight = 0.5
     with_term = loss(outputs, targets)
-    expected_extra = sum(w * 0.5 * BoundaryLoss(regions=False)(o, t)
-                         for w, o, t in zip(loss.weight_factors, outputs, targets) if w != 0)
+    expected_extra = sum(
+        w * 0.5 * BoundaryLoss(regions=False)(o, t) for w, o, t in zip(loss.weight_factors, outputs, targets) if w != 0
+    )
     assert with_term - without == pytest.approx(float(expected_extra), rel=1e-4, abs=1e-6)

@@ -44,20 +44,24 @@ def _batches(trainer, n: int, seed: int = 0, size: int = 32):
 
 def _reference_params(seed=0):
     torch.manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64)),
-            torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    return [
+        torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(7, dtype=torch.float64)),
+    ]
 
 
 @pytest.mark.parametrize("algorithm", ["sgd", "adamw"])
 def test_hybrid_optimizer_matches_torch_sgd_and_adamw(algorithm):
     ours, theirs = _reference_params(), _reference_params()
     if algorithm == "sgd":
-        opt = HybridOptimizer([{"params": ours, "algorithm": "sgd", "lr": 0.05, "momentum": 0.99, "nesterov": True,
-                                "weight_decay": 3e-5}])
+        opt = HybridOptimizer(
+            [{"params": ours, "algorithm": "sgd", "lr": 0.05, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}]
+        )
         ref = torch.optim.SGD(theirs, 0.05, momentum=0.99, nesterov=True, weight_decay=3e-5)
     else:
-        opt = HybridOptimizer([{"params": ours, "algorithm": "adamw", "lr": 3e-3, "betas": (0.8, 0.99),
-                                "eps": 1e-8, "weight_decay": 0.1}])
+        opt = HybridOptimizer(
+            [{"params": ours, "algorithm": "adamw", "lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": 0.1}]
+        )
         ref = torch.optim.AdamW(theirs, 3e-3, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1)
     torch.manual_seed(1)
     for _ in range(7):
@@ -79,8 +83,12 @@ def test_hybrid_optimizer_rejects_an_unknown_algorithm():
 
 def test_scheduler_keeps_each_groups_base_lr_and_warms_up():
     a, b = _reference_params()
-    opt = HybridOptimizer([{"params": [a], "algorithm": "sgd", "lr": 1e-2},
-                           {"params": [b], "algorithm": "adamw", "lr": 1e-3, "warmup_epochs": 3}])
+    opt = HybridOptimizer(
+        [
+            {"params": [a], "algorithm": "sgd", "lr": 1e-2},
+            {"params": [b], "algorithm": "adamw", "lr": 1e-3, "warmup_epochs": 3},
+        ]
+    )
     scheduler = GroupPolyLRScheduler(opt, max_steps=100)
     for epoch in (0, 1, 3, 50, 99):
         scheduler.step(epoch)
@@ -135,8 +143,9 @@ def test_checkpoint_restores_every_optimizer_state(tmp_path, monkeypatch):
     second = _trainer(nnUNetTrainerHyMUNet, tmp_path, monkeypatch, "b")
     second.load_checkpoint(path)
     state_a, state_b = first.optimizer.state_dict(), second.optimizer.state_dict()
-    assert [{k: v for k, v in g.items() if k != "params"} for g in state_a["param_groups"]] == \
-        [{k: v for k, v in g.items() if k != "params"} for g in state_b["param_groups"]]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in state_a["param_groups"]] == [
+        {k: v for k, v in g.items() if k != "params"} for g in state_b["param_groups"]
+    ]
     kinds = set()
     for key, entry in state_a["state"].items():
         for name, value in entry.items():
@@ -159,8 +168,9 @@ def _gradient_driven_change(trainer_class, steps: int):
     """Median relative change of conv weights and of scan parameters, minus what weight decay alone does."""
     changes = learning_check.gradient_driven_change(trainer_class, steps)
     conv, scan = changes[learning_check.CATEGORIES[0]], changes[learning_check.CATEGORIES[2]]
-    assert len(conv) > 10 and {part for n in scan for part in SCAN_PARAMETER_NAMES if part in n} == \
-        set(SCAN_PARAMETER_NAMES)
+    assert len(conv) > 10 and {part for n in scan for part in SCAN_PARAMETER_NAMES if part in n} == set(
+        SCAN_PARAMETER_NAMES
+    )
     return float(np.median(list(conv.values()))), float(np.median(list(scan.values())))
 
 
@@ -219,15 +229,17 @@ def test_grad_scaler_unscales_and_skips_inf_steps_with_the_hybrid_optimizer():
     scaled_params, plain_params = _reference_params(), _reference_params()
 
     def groups(params):
-        return [{"params": [params[0]], "algorithm": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True},
-                {"params": [params[1]], "algorithm": "adamw", "lr": 1e-3}]
+        return [
+            {"params": [params[0]], "algorithm": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True},
+            {"params": [params[1]], "algorithm": "adamw", "lr": 1e-3},
+        ]
 
     scaled, plain = HybridOptimizer(groups(scaled_params)), HybridOptimizer(groups(plain_params))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for step in range(3):
         for params, optimizer in ((scaled_params, scaled), (plain_params, plain)):
             optimizer.zero_grad()
-            loss = sum((p ** 2).sum() for p in params)
+            loss = sum((p**2).sum() for p in params)
             if optimizer is scaled:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)

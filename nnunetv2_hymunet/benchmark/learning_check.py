@@ -26,10 +26,15 @@ def small_2d_plans(side: int = 32, features=(8, 16, 32, 32)) -> tuple:
 
     configuration = _configuration(2, (side, side), 2, (1.0, 1.0), features, 1, "nnUNetPlans_2d")
     configuration["use_mask_for_norm"] = [False]
-    plans = _plans("Dataset998_LearningCheck", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0),
-                   (1, side, side), 1)
-    dataset_json = {"channel_names": {"0": "grey"}, "labels": {"background": 0, "square": 1}, "numTraining": 1,
-                    "file_ending": ".png"}
+    plans = _plans(
+        "Dataset998_LearningCheck", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0), (1, side, side), 1
+    )
+    dataset_json = {
+        "channel_names": {"0": "grey"},
+        "labels": {"background": 0, "square": 1},
+        "numTraining": 1,
+        "file_ending": ".png",
+    }
     return plans, dataset_json
 
 
@@ -57,11 +62,15 @@ def square_batches(trainer, n: int, seed: int = 0, size: int = 32, batch_size: i
         for b in range(batch_size):
             y, x = rng.integers(2, size - 12, 2)
             side = rng.integers(6, 11)
-            data[b, 0, y:y + side, x:x + side] += 1.5
-            seg[b, 0, y:y + side, x:x + side] = 1
+            data[b, 0, y : y + side, x : x + side] += 1.5
+            seg[b, 0, y : y + side, x : x + side] = 1
         seg_t = torch.from_numpy(seg)
-        targets = [torch.nn.functional.interpolate(seg_t, scale_factor=tuple(float(s) for s in scale), mode="nearest")
-                   if any(s != 1 for s in scale) else seg_t for scale in scales]
+        targets = [
+            torch.nn.functional.interpolate(seg_t, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+            if any(s != 1 for s in scale)
+            else seg_t
+            for scale in scales
+        ]
         batches.append({"data": torch.from_numpy(data), "target": targets})
     return batches
 
@@ -76,8 +85,9 @@ def category(name: str, parameter: torch.Tensor) -> str:
     return ""
 
 
-def gradient_driven_change(trainer_class, steps: int = 25, seed: int = 0, plans=None, dataset_json=None,
-                           workdir: str = None) -> Dict[str, Dict[str, float]]:
+def gradient_driven_change(
+    trainer_class, steps: int = 25, seed: int = 0, plans=None, dataset_json=None, workdir: str = None
+) -> Dict[str, Dict[str, float]]:
     """{category: {parameter name: relative gradient-driven change}} after `steps` train_step calls."""
     if plans is None:
         plans, dataset_json = small_2d_plans()

@@ -90,7 +90,7 @@ def cut_plans(plans: dict, configuration: str, n_stages: int, plans_name: str = 
         if isinstance(kwargs.get(key), list):
             kwargs[key] = kwargs[key][:n_stages]
     if isinstance(kwargs.get("n_conv_per_stage_decoder"), list):
-        kwargs["n_conv_per_stage_decoder"] = kwargs["n_conv_per_stage_decoder"][:n_stages - 1]
+        kwargs["n_conv_per_stage_decoder"] = kwargs["n_conv_per_stage_decoder"][: n_stages - 1]
     kwargs["n_stages"] = n_stages
     plans["configurations"] = {configuration: config}
     plans["plans_name"] = plans_name
@@ -143,10 +143,9 @@ def _support_extents(network, input_channels, patch, total_stride, repeats, gene
         centre = tuple(p // 2 + phase % int(t) for p, t in zip(patch, total_stride))
         support = torch.zeros(patch, dtype=torch.bool)
         for _ in range(repeats):  # a second input guards against an exactly zero gradient by chance
-            x = torch.randn((1, input_channels, *patch),
-                            generator=generator, requires_grad=True)
+            x = torch.randn((1, input_channels, *patch), generator=generator, requires_grad=True)
             network(x)[(0, slice(None), *centre)].sum().backward()
-            support |= (x.grad[0].abs().sum(0) > 0)
+            support |= x.grad[0].abs().sum(0) > 0
         for axis in range(len(patch)):
             other = tuple(a for a in range(len(patch)) if a != axis)
             hit = np.nonzero(support.any(dim=other).numpy() if other else support.numpy())[0]
@@ -157,8 +156,10 @@ def _support_extents(network, input_channels, patch, total_stride, repeats, gene
 def read_min_distance(dataset_json: dict, source: str) -> int:
     info = dataset_json.get(DATASET_KEY)
     if not isinstance(info, dict) or not isinstance(info.get("min_marker_distance_px"), (int, float)):
-        raise HyMUNetError(f"{source} has no {DATASET_KEY}.min_marker_distance_px: not a long-range dataset of "
-                           "`hymunet benchmark make-suite`; give --stages")
+        raise HyMUNetError(
+            f"{source} has no {DATASET_KEY}.min_marker_distance_px: not a long-range dataset of "
+            "`hymunet benchmark make-suite`; give --stages"
+        )
     return int(info["min_marker_distance_px"])
 
 
@@ -173,8 +174,14 @@ def choose_stages(plans: dict, configuration: str, min_distance: int) -> int:
     raise HyMUNetError(f"even {MIN_STAGES} stages see more than the minimum blob-marker distance of {min_distance} px")
 
 
-def write_long_range_plans(dataset: str, configuration: str = "2d", source_plans: str = SOURCE_PLANS,
-                           n_stages: int = None, trainers=CONV_ONLY_TRAINERS, log=print) -> str:
+def write_long_range_plans(
+    dataset: str,
+    configuration: str = "2d",
+    source_plans: str = SOURCE_PLANS,
+    n_stages: int = None,
+    trainers=CONV_ONLY_TRAINERS,
+    log=print,
+) -> str:
     """Write $nnUNet_preprocessed/<dataset>/nnUNetLongRangePlans.json; returns its path. Refuses (HyMUNetError) when a
     conv-only network of `trainers` would see from a blob to a marker."""
     from nnunetv2_hymunet.benchmark.presets import ProfilePlan, dataset_plan
@@ -195,19 +202,28 @@ def write_long_range_plans(dataset: str, configuration: str = "2d", source_plans
 
     def refuse_unless_below(largest):
         if min_distance is not None and largest >= min_distance:
-            raise HyMUNetError(f"{plan.source}: with {n_stages} stages the conv-only receptive field ({largest} px) is "
-                               f"not smaller than the minimum blob-marker distance ({min_distance} px); use fewer "
-                               "--stages")
+            raise HyMUNetError(
+                f"{plan.source}: with {n_stages} stages the conv-only receptive field ({largest} px) is "
+                f"not smaller than the minimum blob-marker distance ({min_distance} px); use fewer "
+                "--stages"
+            )
 
     refuse_unless_below(max(analytic))  # before the (slower) measurement
     measured = {t: measured_receptive_field(cut, t) for t in trainers}
-    log(f"{LONG_RANGE_PLANS}: {n_stages} stages of {source_plans}'s {arch['n_stages']}; conv-only receptive field "
+    log(
+        f"{LONG_RANGE_PLANS}: {n_stages} stages of {source_plans}'s {arch['n_stages']}; conv-only receptive field "
         f"{'x'.join(map(str, analytic))} px (analytic walk), measured "
         + ", ".join(f"{t} {'x'.join(map(str, m))}" for t, m in measured.items())
-        + (f"; minimum blob-marker distance {min_distance} px" if min_distance else ""))
+        + (f"; minimum blob-marker distance {min_distance} px" if min_distance else "")
+    )
     refuse_unless_below(max(max(m) for m in measured.values()) if measured else 0)
-    plans[DATASET_KEY] = {"source_plans": source_plans, "n_stages": n_stages, "receptive_field_px": analytic,
-                          "measured_receptive_field_px": measured, "min_marker_distance_px": min_distance}
+    plans[DATASET_KEY] = {
+        "source_plans": source_plans,
+        "n_stages": n_stages,
+        "receptive_field_px": analytic,
+        "measured_receptive_field_px": measured,
+        "min_marker_distance_px": min_distance,
+    }
     path = os.path.join(folder, LONG_RANGE_PLANS + ".json")
     atomic_write_text(path, json.dumps(plans, indent=4))
     log(f"wrote {path}")
@@ -232,8 +248,12 @@ def blob_class_scores(prediction: np.ndarray, reference: np.ndarray) -> dict:
     counts = np.bincount(predicted[predicted > 0], minlength=reference_class + 1)
     top = np.flatnonzero(counts == counts.max()) if counts.max() > 0 else []
     majority = int(top[0]) if len(top) == 1 else 0
-    return {"reference_class": reference_class, "predicted_class": majority,
-            "accuracy": float(majority == reference_class), "fraction": float(np.mean(predicted == reference_class))}
+    return {
+        "reference_class": reference_class,
+        "predicted_class": majority,
+        "accuracy": float(majority == reference_class),
+        "fraction": float(np.mean(predicted == reference_class)),
+    }
 
 
 def score_folder(pred_dir: str, ref_dir: str, dataset_json_file: str) -> dict:
@@ -254,9 +274,12 @@ def score_folder(pred_dir: str, ref_dir: str, dataset_json_file: str) -> dict:
         if not os.path.isfile(reference):
             raise HyMUNetError(f"{reference}: missing reference for prediction {os.path.join(pred_dir, name)}")
         scores = blob_class_scores(reader.read_seg(os.path.join(pred_dir, name))[0], reader.read_seg(reference)[0])
-        per_case.append({"case": name[:-len(ending)], **scores})
-    return {"per_case": per_case, "accuracy": float(np.mean([c["accuracy"] for c in per_case])),
-            "fraction": float(np.mean([c["fraction"] for c in per_case]))}
+        per_case.append({"case": name[: -len(ending)], **scores})
+    return {
+        "per_case": per_case,
+        "accuracy": float(np.mean([c["accuracy"] for c in per_case])),
+        "fraction": float(np.mean([c["fraction"] for c in per_case])),
+    }
 
 
 def is_long_range_dataset(dataset_json_file: str) -> bool:

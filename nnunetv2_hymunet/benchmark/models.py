@@ -14,8 +14,13 @@ from nnunetv2_hymunet.benchmark.presets import RESENC_M_BLOCKS, ProfilePlan
 from nnunetv2_hymunet.errors import HyMUNetError
 
 RESENC_M = "ResEncM"
-DEFAULT_MODELS = ("nnUNetTrainer", RESENC_M, "nnUNetTrainerHyMUNet", "nnUNetTrainerHyMUNet_noMGF",
-                  "nnUNetTrainerHyMUNet_noMamba")
+DEFAULT_MODELS = (
+    "nnUNetTrainer",
+    RESENC_M,
+    "nnUNetTrainerHyMUNet",
+    "nnUNetTrainerHyMUNet_noMGF",
+    "nnUNetTrainerHyMUNet_noMamba",
+)
 
 
 def find_trainer_class(name: str):
@@ -39,9 +44,11 @@ def find_trainer_class(name: str):
 
     found = find_trainer(name)
     if found is None:
-        raise HyMUNetError(f"model {name!r}: no nnU-Net trainer class of that name was found (searched "
-                           f"nnunetv2.training.nnUNetTrainer and the nnUNet_extTrainer folders). Use a trainer class "
-                           f"name or {RESENC_M}")
+        raise HyMUNetError(
+            f"model {name!r}: no nnU-Net trainer class of that name was found (searched "
+            f"nnunetv2.training.nnUNetTrainer and the nnUNet_extTrainer folders). Use a trainer class "
+            f"name or {RESENC_M}"
+        )
     return found
 
 
@@ -73,8 +80,9 @@ def build_training_network(model: str, plan: ProfilePlan):
         trainer_class = find_trainer_class(model)
     num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, plan.dataset_json)
     num_outputs = plans_manager.get_label_manager(plan.dataset_json).num_segmentation_heads
-    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                       num_outputs, True)
+    network = trainer_class.build_network_architecture(
+        plans_manager, configuration_manager, num_input_channels, num_outputs, True
+    )
     return network, trainer_class.__name__, num_input_channels, num_outputs
 
 

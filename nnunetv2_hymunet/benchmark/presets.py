@@ -69,8 +69,15 @@ def _configuration(dim: int, patch_size, batch_size: int, spacing, features, n_c
     }
 
 
-def _plans(dataset_name: str, configuration_name: str, configuration: dict, image_reader_writer: str, spacing,
-           median_shape, n_channels: int) -> dict:
+def _plans(
+    dataset_name: str,
+    configuration_name: str,
+    configuration: dict,
+    image_reader_writer: str,
+    spacing,
+    median_shape,
+    n_channels: int,
+) -> dict:
     return {
         "dataset_name": dataset_name,
         "plans_name": "nnUNetPlans",
@@ -83,27 +90,42 @@ def _plans(dataset_name: str, configuration_name: str, configuration: dict, imag
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            str(c): {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
-                     "percentile_99_5": 1.0, "std": 1.0} for c in range(n_channels)},
+            str(c): {
+                "max": 1.0,
+                "mean": 0.0,
+                "median": 0.0,
+                "min": -1.0,
+                "percentile_00_5": -1.0,
+                "percentile_99_5": 1.0,
+                "std": 1.0,
+            }
+            for c in range(n_channels)
+        },
     }
 
 
 def _isic_like_2d():
-    configuration = _configuration(2, (768, 1024), 2, (1.0, 1.0), (32, 64, 128, 256, 512, 512, 512, 512), 3,
-                                   "nnUNetPlans_2d")
+    configuration = _configuration(
+        2, (768, 1024), 2, (1.0, 1.0), (32, 64, 128, 256, 512, 512, 512, 512), 3, "nnUNetPlans_2d"
+    )
     configuration["use_mask_for_norm"] = [False] * 3
-    plans = _plans("Dataset000_ISICLike", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0), (1, 700, 1000),
-                   3)
-    dataset_json = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "lesion": 1},
-                    "numTraining": 2594, "file_ending": ".png"}
+    plans = _plans("Dataset000_ISICLike", "2d", configuration, "NaturalImage2DIO", (999.0, 1.0, 1.0), (1, 700, 1000), 3)
+    dataset_json = {
+        "channel_names": {"0": "R", "1": "G", "2": "B"},
+        "labels": {"background": 0, "lesion": 1},
+        "numTraining": 2594,
+        "file_ending": ".png",
+    }
     return plans, "2d", dataset_json, (700, 1000)
 
 
 def _brats_like_3d():
-    configuration = _configuration(3, (128, 128, 128), 2, (1.0, 1.0, 1.0), (32, 64, 128, 256, 320, 320), 4,
-                                   "nnUNetPlans_3d_fullres")
-    plans = _plans("Dataset000_BraTSLike", "3d_fullres", configuration, "SimpleITKIO", (1.0, 1.0, 1.0),
-                   (140, 170, 140), 4)
+    configuration = _configuration(
+        3, (128, 128, 128), 2, (1.0, 1.0, 1.0), (32, 64, 128, 256, 320, 320), 4, "nnUNetPlans_3d_fullres"
+    )
+    plans = _plans(
+        "Dataset000_BraTSLike", "3d_fullres", configuration, "SimpleITKIO", (1.0, 1.0, 1.0), (140, 170, 140), 4
+    )
     from nnunetv2_hymunet.conversion.brats_labels import dataset_json_fields
 
     dataset_json = {**dataset_json_fields(), "numTraining": 1251, "file_ending": ".nii.gz"}
@@ -147,15 +169,21 @@ class ProfilePlan:
         patch_size = [int(p) for p in patch_size]
         strides = configuration["architecture"]["arch_kwargs"]["strides"]
         if len(patch_size) != len(configuration["patch_size"]):
-            raise HyMUNetError(f"--patch-size needs {len(configuration['patch_size'])} values for configuration "
-                               f"{self.configuration!r}, got {len(patch_size)}")
+            raise HyMUNetError(
+                f"--patch-size needs {len(configuration['patch_size'])} values for configuration "
+                f"{self.configuration!r}, got {len(patch_size)}"
+            )
         total_stride = np.prod(np.array(strides), axis=0)
         if any(p % s for p, s in zip(patch_size, total_stride)):
-            raise HyMUNetError(f"--patch-size {patch_size} must be divisible by the network's total stride "
-                               f"{total_stride.tolist()} (the product of the plan's strides)")
+            raise HyMUNetError(
+                f"--patch-size {patch_size} must be divisible by the network's total stride "
+                f"{total_stride.tolist()} (the product of the plan's strides)"
+            )
         if np.prod(np.array(patch_size) // total_stride) < 2:
-            raise HyMUNetError(f"--patch-size {patch_size} leaves a single voxel at the bottleneck (total stride "
-                               f"{total_stride.tolist()}); instance normalisation needs more: use a larger patch")
+            raise HyMUNetError(
+                f"--patch-size {patch_size} leaves a single voxel at the bottleneck (total stride "
+                f"{total_stride.tolist()}); instance normalisation needs more: use a larger patch"
+            )
         plans = deepcopy(self.plans)
         plans["configurations"][self.configuration]["patch_size"] = patch_size
         return ProfilePlan(plans, self.configuration, self.dataset_json, self.source, self.case_shape)
@@ -167,8 +195,9 @@ def read_json_file(path: str, what: str) -> dict:
         with open(path) as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise HyMUNetError(f"{path}: cannot read {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
+        raise HyMUNetError(
+            f"{path}: cannot read {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if not isinstance(data, dict):
         raise HyMUNetError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
     return data
@@ -178,7 +207,8 @@ def read_plans(path: str) -> dict:
     """nnU-Net plans from `path`, checked for the part every command here reads (configurations)."""
     plans = read_json_file(path, "nnU-Net plans")
     if not isinstance(plans.get("configurations"), dict) or not all(
-            isinstance(c, dict) for c in plans["configurations"].values()):
+        isinstance(c, dict) for c in plans["configurations"].values()
+    ):
         raise HyMUNetError(f"{path}: not nnU-Net plans (no 'configurations' object of configurations)")
     return plans
 
@@ -196,15 +226,19 @@ def dataset_plan(dataset: str, configuration: str, plans_identifier: str = "nnUN
 
     preprocessed = os.environ.get("nnUNet_preprocessed")
     if not preprocessed:
-        raise HyMUNetError("nnUNet_preprocessed is not set: it must point at the folder nnUNetv2_plan_and_preprocess "
-                           "wrote, or use --plan for a built-in plan")
+        raise HyMUNetError(
+            "nnUNet_preprocessed is not set: it must point at the folder nnUNetv2_plan_and_preprocess "
+            "wrote, or use --plan for a built-in plan"
+        )
     dataset_name = resolve_dataset(dataset)
     plans_file = join(preprocessed, dataset_name, plans_identifier + ".json")
     dataset_json_file = join(preprocessed, dataset_name, "dataset.json")
     for f in (plans_file, dataset_json_file):
         if not isfile(f):
-            raise HyMUNetError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
-                               f"(or check -p {plans_identifier})")
+            raise HyMUNetError(
+                f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
+                f"(or check -p {plans_identifier})"
+            )
     plans = read_plans(plans_file)
     configuration_dict = plans.get("configurations", {}).get(configuration, {})
     if "architecture" not in configuration_dict and "inherits_from" in configuration_dict:
@@ -216,10 +250,16 @@ def dataset_plan(dataset: str, configuration: str, plans_identifier: str = "nnUN
     if not configuration_dict:
         raise HyMUNetError(f"{plans_file} has no configuration {configuration!r}")
     arch = configuration_dict.get("architecture")
-    if (not isinstance(arch, dict) or not isinstance(arch.get("arch_kwargs"), dict)
-            or not isinstance(configuration_dict.get("patch_size"), list)):
-        raise HyMUNetError(f"{plans_file}: configuration {configuration!r} lacks a patch_size list or an "
-                           "architecture with arch_kwargs (corrupt plans?)")
+    if (
+        not isinstance(arch, dict)
+        or not isinstance(arch.get("arch_kwargs"), dict)
+        or not isinstance(configuration_dict.get("patch_size"), list)
+    ):
+        raise HyMUNetError(
+            f"{plans_file}: configuration {configuration!r} lacks a patch_size list or an "
+            "architecture with arch_kwargs (corrupt plans?)"
+        )
     median = configuration_dict.get("median_image_size_in_voxels") or configuration_dict["patch_size"]
-    return ProfilePlan(plans, configuration, read_json_file(dataset_json_file, "dataset.json"), plans_file,
-                       [round(m) for m in median])
+    return ProfilePlan(
+        plans, configuration, read_json_file(dataset_json_file, "dataset.json"), plans_file, [round(m) for m in median]
+    )

@@ -24,19 +24,34 @@ def markdown_table(result: dict) -> str:
     header = ["Model", "Network", "Params (M)", "GFLOPs/patch", "of which scan"]
     if native:
         header.append(f"GFLOPs at {'x'.join(map(str, native))}")
-    header += ["Forward ms", "Step ms", f"Step x {reference['model']}", "Peak mem fwd (MiB)", "Peak mem step (MiB)",
-               "Sliding window s (tiles)"]
+    header += [
+        "Forward ms",
+        "Step ms",
+        f"Step x {reference['model']}",
+        "Peak mem fwd (MiB)",
+        "Peak mem step (MiB)",
+        "Sliding window s (tiles)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in models:
         window = m.get("sliding_window")
-        row = [m["model"], m["network_class"], _fmt(m["parameters"] / 1e6, 2), _fmt(m["gflops"], 2),
-               _fmt(m["flops_scan_analytic"] / 1e9, 3)]
+        row = [
+            m["model"],
+            m["network_class"],
+            _fmt(m["parameters"] / 1e6, 2),
+            _fmt(m["gflops"], 2),
+            _fmt(m["flops_scan_analytic"] / 1e9, 3),
+        ]
         if native:
             row.append(_fmt(m.get("gflops_native_patch"), 1))
-        row += [_fmt(m["forward_ms_median"]), _fmt(m["step_ms_median"]),
-                _fmt(m["step_ms_median"] / reference["step_ms_median"], 2),
-                _fmt(m["peak_memory_forward_mib"], 0), _fmt(m["peak_memory_step_mib"], 0),
-                f"{_fmt(window['seconds'], 2)} ({window['tiles']})" if window else "not run"]
+        row += [
+            _fmt(m["forward_ms_median"]),
+            _fmt(m["step_ms_median"]),
+            _fmt(m["step_ms_median"] / reference["step_ms_median"], 2),
+            _fmt(m["peak_memory_forward_mib"], 0),
+            _fmt(m["peak_memory_step_mib"], 0),
+            f"{_fmt(window['seconds'], 2)} ({window['tiles']})" if window else "not run",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -56,8 +71,10 @@ def describe_run(result: dict) -> str:
         f"FLOPs: {settings['flops_method']}. Memory: {settings['memory_method']}.",
     ]
     if window:
-        parts.append(f"Sliding window: one random case of shape {'x'.join(map(str, window['case_shape']))}, "
-                     f"nnUNetPredictor ({settings['sliding_window']}).")
+        parts.append(
+            f"Sliding window: one random case of shape {'x'.join(map(str, window['case_shape']))}, "
+            f"nnUNetPredictor ({settings['sliding_window']})."
+        )
     return "\n".join(parts)
 
 
@@ -78,8 +95,10 @@ def scatter_png(result: dict) -> bytes:
     plan = result["plan"]
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel(f"training step, median ms (batch {result['settings']['batch_size']})")
-    ax.set_title(f"{plan['configuration']} patch {'x'.join(map(str, plan['patch_size']))} on "
-                 f"{result['machine']['device']}", fontsize=10)
+    ax.set_title(
+        f"{plan['configuration']} patch {'x'.join(map(str, plan['patch_size']))} on {result['machine']['device']}",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -93,7 +112,8 @@ def write_profile_outputs(result: dict, output_dir: str) -> dict:
     os.makedirs(output_dir, exist_ok=True)
     paths = {kind: os.path.join(output_dir, f"profile.{kind}") for kind in ("json", "md", "png")}
     atomic_write_text(paths["json"], json.dumps(result, indent=2))
-    atomic_write_text(paths["md"], "# Efficiency profile\n\n" + describe_run(result) + "\n\n" + markdown_table(result)
-                      + "\n")
+    atomic_write_text(
+        paths["md"], "# Efficiency profile\n\n" + describe_run(result) + "\n\n" + markdown_table(result) + "\n"
+    )
     atomic_write_bytes(paths["png"], scatter_png(result))
     return paths

@@ -50,8 +50,7 @@ def count_flops(network, input_shape) -> dict:
     network = copy.deepcopy(network).eval()
     set_deep_supervision(network, False)
     with FakeTensorMode() as fake:
-        state = {name: fake.from_tensor(t) for name, t in
-                 [*network.named_parameters(), *network.named_buffers()]}
+        state = {name: fake.from_tensor(t) for name, t in [*network.named_parameters(), *network.named_buffers()]}
         x = torch.empty(input_shape)
     with torch.no_grad(), counting_scan_flops(), FlopCounterMode(display=False) as counter, fake:
         torch.func.functional_call(network, state, (x,))
@@ -129,8 +128,9 @@ class _ModelUnderTest:
         self.device = device
         patch = plan.configuration_dict["patch_size"]
         self.input_shape = (batch_size, self.num_input_channels, *patch)
-        self.optimizer = torch.optim.SGD(self.network.parameters(), lr=1e-3, momentum=0.99, nesterov=True,
-                                         weight_decay=3e-5)
+        self.optimizer = torch.optim.SGD(
+            self.network.parameters(), lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5
+        )
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(self.input_shape, generator=generator).to(device)
         self.autocast = torch.autocast("cuda") if device.type == "cuda" else contextlib.nullcontext()
@@ -164,8 +164,10 @@ class _ModelUnderTest:
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             if self.targets is None:  # one random label map per output resolution, made once
                 generator = torch.Generator().manual_seed(1)
-                self.targets = [torch.randint(0, o.shape[1], (o.shape[0], *o.shape[2:]), generator=generator)
-                                .to(self.device) for o in outputs]
+                self.targets = [
+                    torch.randint(0, o.shape[1], (o.shape[0], *o.shape[2:]), generator=generator).to(self.device)
+                    for o in outputs
+                ]
             loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, self.targets))
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -203,17 +205,26 @@ def sliding_window_seconds(model: _ModelUnderTest, plan: ProfilePlan, case_shape
         spatial = (1, *spatial)  # nnU-Net hands 2D cases to the predictor as (c, 1, x, y)
     if len(spatial) != 3:
         raise HyMUNetError(f"--case-shape needs {len(patch)} values for this plan, got {list(case_shape)}")
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=model.device.type == "cuda", device=model.device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=model.device.type == "cuda",
+        device=model.device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
     model.network.eval()
     set_deep_supervision(model.network, False)
-    predictor.manual_initialization(model.network, plans_manager, configuration_manager, None, plan.dataset_json,
-                                    model.trainer, None)
+    predictor.manual_initialization(
+        model.network, plans_manager, configuration_manager, None, plan.dataset_json, model.trainer, None
+    )
     image = torch.randn((model.num_input_channels, *spatial), generator=torch.Generator().manual_seed(2))
-    padded = [max(s, p) for s, p in zip(spatial[-len(patch):], patch)]
-    tiles = len(predictor._internal_get_sliding_window_slicers((spatial[0], *padded) if len(patch) == 2
-                                                               else tuple(padded)))
+    padded = [max(s, p) for s, p in zip(spatial[-len(patch) :], patch)]
+    tiles = len(
+        predictor._internal_get_sliding_window_slicers((spatial[0], *padded) if len(patch) == 2 else tuple(padded))
+    )
     start = time.perf_counter()
     predictor.predict_sliding_window_return_logits(image)
     if model.device.type == "cuda":
@@ -227,8 +238,14 @@ def sliding_window_seconds(model: _ModelUnderTest, plan: ProfilePlan, case_shape
 def _machine(device) -> dict:
     import torch
 
-    info = {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -243,9 +260,19 @@ def _scan_backend(device) -> str:
         return f"unavailable ({e})"
 
 
-def profile_models(plan: ProfilePlan, models, device="cpu", batch_size: int = None, repeats: int = 3,
-                   warmup: int = 1, case_shape=None, sliding_window: bool = True, native_patch_size=None,
-                   threads: int = None, log=print) -> dict:
+def profile_models(
+    plan: ProfilePlan,
+    models,
+    device="cpu",
+    batch_size: int = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    case_shape=None,
+    sliding_window: bool = True,
+    native_patch_size=None,
+    threads: int = None,
+    log=print,
+) -> dict:
     """Profile `models` (see models.py) on `plan`; returns the JSON-ready result (see module docstring).
 
     threads: torch intra-op threads for the measurement (restored afterwards); default torch's own setting.
@@ -258,14 +285,16 @@ def profile_models(plan: ProfilePlan, models, device="cpu", batch_size: int = No
             raise HyMUNetError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        return _profile_models(plan, models, device, batch_size, repeats, warmup, case_shape, sliding_window,
-                               native_patch_size, log)
+        return _profile_models(
+            plan, models, device, batch_size, repeats, warmup, case_shape, sliding_window, native_patch_size, log
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _profile_models(plan, models, device, batch_size, repeats, warmup, case_shape, sliding_window, native_patch_size,
-                    log) -> dict:
+def _profile_models(
+    plan, models, device, batch_size, repeats, warmup, case_shape, sliding_window, native_patch_size, log
+) -> dict:
     import torch
 
     device = torch.device(device)
@@ -279,8 +308,10 @@ def _profile_models(plan, models, device, batch_size, repeats, warmup, case_shap
     if batch_size is None:
         batch_size = configuration["batch_size"] if device.type == "cuda" else min(2, configuration["batch_size"])
     load_before = os.getloadavg()
-    log(f"Profiling {len(models)} models on {plan.source} [{plan.configuration}], patch {configuration['patch_size']}, "
-        f"batch {batch_size}, device {device}, load average {load_before[0]:.2f}")
+    log(
+        f"Profiling {len(models)} models on {plan.source} [{plan.configuration}], patch {configuration['patch_size']}, "
+        f"batch {batch_size}, device {device}, load average {load_before[0]:.2f}"
+    )
 
     under_test = []
     for name in models:
@@ -313,37 +344,57 @@ def _profile_models(plan, models, device, batch_size, repeats, warmup, case_shap
         if sliding_window:
             window = sliding_window_seconds(model, plan, case_shape or plan.case_shape)
             log(f"  {model.name}: sliding window {window['seconds']:.2f} s ({window['tiles']} tiles)")
-        results.append({
-            "model": model.name,
-            "trainer": model.trainer,
-            "network_class": model.network_class,
-            "parameters": model.parameters,
-            "flops_counted": model.flops["counted"],
-            "flops_scan_analytic": model.flops["scan_analytic"],
-            "gflops": (model.flops["counted"] + model.flops["scan_analytic"]) / 1e9,
-            "gflops_native_patch": (None if model.native_flops is None else
-                                    (model.native_flops["counted"] + model.native_flops["scan_analytic"]) / 1e9),
-            "forward_ms_median": statistics.median(times[model.name]["forward"]),
-            "forward_ms": times[model.name]["forward"],
-            "step_ms_median": statistics.median(times[model.name]["step"]),
-            "step_ms": times[model.name]["step"],
-            "peak_memory_forward_mib": memory_forward,
-            "peak_memory_step_mib": memory_step,
-            "sliding_window": window,
-        })
+        results.append(
+            {
+                "model": model.name,
+                "trainer": model.trainer,
+                "network_class": model.network_class,
+                "parameters": model.parameters,
+                "flops_counted": model.flops["counted"],
+                "flops_scan_analytic": model.flops["scan_analytic"],
+                "gflops": (model.flops["counted"] + model.flops["scan_analytic"]) / 1e9,
+                "gflops_native_patch": (
+                    None
+                    if model.native_flops is None
+                    else (model.native_flops["counted"] + model.native_flops["scan_analytic"]) / 1e9
+                ),
+                "forward_ms_median": statistics.median(times[model.name]["forward"]),
+                "forward_ms": times[model.name]["forward"],
+                "step_ms_median": statistics.median(times[model.name]["step"]),
+                "step_ms": times[model.name]["step"],
+                "peak_memory_forward_mib": memory_forward,
+                "peak_memory_step_mib": memory_step,
+                "sliding_window": window,
+            }
+        )
         model.network.to("cpu")
     return {
-        "plan": {"source": plan.source, "configuration": plan.configuration,
-                 "patch_size": list(configuration["patch_size"]),
-                 "native_patch_size": list(native_patch_size) if native_patch_size else None,
-                 "num_input_channels": under_test[0].num_input_channels, "num_outputs": under_test[0].num_outputs},
-        "settings": {"batch_size": batch_size, "repeats": repeats, "warmup": warmup,
-                     "sliding_window": "tile step 0.5, Gaussian, no mirroring" if sliding_window else None,
-                     "memory_method": ("max_memory_allocated" if device.type == "cuda" else
-                                       (cpu_meter.method if cpu_meter and cpu_meter.method else "unavailable")),
-                     "flops_method": "FlopCounterMode (batch 1, fake tensors); selective scan through its registered "
-                                     "formula B*d_inner*L*(7*N + k), k <= 10 per token and channel"},
-        "machine": {**_machine(device), "scan_backend": _scan_backend(device),
-                    "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())},
+        "plan": {
+            "source": plan.source,
+            "configuration": plan.configuration,
+            "patch_size": list(configuration["patch_size"]),
+            "native_patch_size": list(native_patch_size) if native_patch_size else None,
+            "num_input_channels": under_test[0].num_input_channels,
+            "num_outputs": under_test[0].num_outputs,
+        },
+        "settings": {
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "warmup": warmup,
+            "sliding_window": "tile step 0.5, Gaussian, no mirroring" if sliding_window else None,
+            "memory_method": (
+                "max_memory_allocated"
+                if device.type == "cuda"
+                else (cpu_meter.method if cpu_meter and cpu_meter.method else "unavailable")
+            ),
+            "flops_method": "FlopCounterMode (batch 1, fake tensors); selective scan through its registered "
+            "formula B*d_inner*L*(7*N + k), k <= 10 per token and channel",
+        },
+        "machine": {
+            **_machine(device),
+            "scan_backend": _scan_backend(device),
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+        },
         "models": results,
     }

@@ -92,8 +92,9 @@ def evaluate_model(runs: list, evaluation_dir: str, num_workers: int = 1, log=pr
     crossval = evaluation_dir + ".crossval"
     pred_dir, ref_dir, dataset_json = gather_crossval(runs, crossval)
     log(f"  evaluating {runs[0].dataset} {runs[0].model.label} (folds {folds})")
-    metrics = evaluate_folders(ref_dir, pred_dir, evaluation_dir, dataset_json=dataset_json, num_workers=num_workers,
-                               npz=False)
+    metrics = evaluate_folders(
+        ref_dir, pred_dir, evaluation_dir, dataset_json=dataset_json, num_workers=num_workers, npz=False
+    )
     metrics["benchmark_folds"] = folds
     if long_range:
         metrics["blob_class"] = score_folder(pred_dir, ref_dir, dataset_json)
@@ -150,15 +151,19 @@ def dataset_section(entry: dict, reference: str) -> list:
     units = models[0]["metrics"].get("units", "")
     lines = [f"## {entry['dataset']} ({entry['configuration']})", ""]
     folds = sorted({f for m in models for f in m["metrics"].get("benchmark_folds", [])})
-    lines.append(f"Cross-validation folds {folds}; {len(models[0]['metrics']['per_case'])} validation cases per model. "
-                 f"Per-image metrics: mean ± sample std over cases; pooled: one confusion matrix over all cases. "
-                 f"Distances in {units}. p: two-sided paired Wilcoxon signed-rank test against {reference} "
-                 "(Δmed = median of model - reference).")
+    lines.append(
+        f"Cross-validation folds {folds}; {len(models[0]['metrics']['per_case'])} validation cases per model. "
+        f"Per-image metrics: mean ± sample std over cases; pooled: one confusion matrix over all cases. "
+        f"Distances in {units}. p: two-sided paired Wilcoxon signed-rank test against {reference} "
+        "(Δmed = median of model - reference)."
+    )
     if entry.get("profile"):
         p = entry["profile"]
-        lines.append(f"Efficiency: patch {'x'.join(map(str, p['plan']['patch_size']))}, batch "
-                     f"{p['settings']['batch_size']}, {p['machine']['device']}, medians of {p['settings']['repeats']} "
-                     "interleaved repeats (`hymunet profile`).")
+        lines.append(
+            f"Efficiency: patch {'x'.join(map(str, p['plan']['patch_size']))}, batch "
+            f"{p['settings']['batch_size']}, {p['machine']['device']}, medians of {p['settings']['repeats']} "
+            "interleaved repeats (`hymunet profile`)."
+        )
     lines.append("")
     tests = entry["comparison"]["tests"] if entry.get("comparison") else []
     for label in [lab["name"] for lab in models[0]["metrics"]["labels"]]:
@@ -173,11 +178,17 @@ def dataset_section(entry: dict, reference: str) -> list:
             row += [_mean_std(per_label.get(k), 2 if k == "hd95" else 4) for k in TABLE_METRICS]
             row += [f"{pooled[k]:.4f}" if _finite(pooled.get(k)) else "n/a" for k in POOLED_METRICS]
             for k in TESTED_METRICS:
-                row.append("reference" if m["label"] == reference else
-                           _p(_find_test(tests, label, k, run_name[reference], m["run_name"])))
+                row.append(
+                    "reference"
+                    if m["label"] == reference
+                    else _p(_find_test(tests, label, k, run_name[reference], m["run_name"]))
+                )
             eff = _efficiency(entry.get("profile"), m["trainer"])
-            row += ([f"{eff['parameters'] / 1e6:.2f}", f"{eff['gflops']:.2f}", f"{eff['step_ms_median']:.0f}"]
-                    if eff else ["n/a"] * 3)
+            row += (
+                [f"{eff['parameters'] / 1e6:.2f}", f"{eff['gflops']:.2f}", f"{eff['step_ms_median']:.0f}"]
+                if eff
+                else ["n/a"] * 3
+            )
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if all("blob_class" in m["metrics"] for m in models):  # one run per model: the test is over cases
@@ -207,8 +218,16 @@ def ablation_pairs(models: list) -> list:
     pairs = []
     for m in models:
         for suffix, part in ABLATIONS.items():
-            ablated = next((o for o in models if base_trainer(o["trainer"]) == base_trainer(m["trainer"]) + suffix
-                            and o["plans"] == m["plans"] and o["label"] != m["label"]), None)
+            ablated = next(
+                (
+                    o
+                    for o in models
+                    if base_trainer(o["trainer"]) == base_trainer(m["trainer"]) + suffix
+                    and o["plans"] == m["plans"]
+                    and o["label"] != m["label"]
+                ),
+                None,
+            )
             if ablated is not None:
                 pairs.append((m, ablated, part))
     return pairs
@@ -223,8 +242,10 @@ def ablation_findings(entry: dict, tests: list) -> list:
             without = ablated["metrics"]["per_label"][label]["dice"]["mean"]
             test = _find_test(tests, label, "dice", ablated["run_name"], m["run_name"])
             p = test["p_value"] if test and _finite(test.get("p_value")) else float("nan")
-            lines.append(f"- {label}: {part} {verdict(full, without, p)}: mean Dice {m['label']} {full:.4f} vs "
-                         f"{ablated['label']} {without:.4f}, Wilcoxon p = {p:.3g}.")
+            lines.append(
+                f"- {label}: {part} {verdict(full, without, p)}: mean Dice {m['label']} {full:.4f} vs "
+                f"{ablated['label']} {without:.4f}, Wilcoxon p = {p:.3g}."
+            )
     return (["**Ablations** (same plans, same folds):", ""] + lines + [""]) if lines else []
 
 
@@ -254,9 +275,13 @@ def seed_statistics(model: dict, values) -> dict:
         per_seed[seed] = mean
         pairs.update({(seed, case): v for case, v in by_case.items()})
     finite = [v for v in per_seed.values() if _finite(v)]
-    return {"per_seed": per_seed, "pairs": pairs, "n_seeds": len(finite),
-            "mean": float(sum(finite) / len(finite)) if finite else float("nan"),
-            "sd": float(statistics.stdev(finite)) if len(finite) > 1 else float("nan")}
+    return {
+        "per_seed": per_seed,
+        "pairs": pairs,
+        "n_seeds": len(finite),
+        "mean": float(sum(finite) / len(finite)) if finite else float("nan"),
+        "sd": float(statistics.stdev(finite)) if len(finite) > 1 else float("nan"),
+    }
 
 
 def seeds_cases_test(reference: dict, other: dict) -> dict:
@@ -282,8 +307,13 @@ def _seeded(stats: dict, digits: int) -> str:
 def seeded_metric_rows(models: list, reference: str, values_of, digits: int = 4) -> dict:
     """{model label: {"stats": seed_statistics, "test": test against the reference or None}} for one metric."""
     stats = {m["label"]: seed_statistics(m, values_of) for m in models}
-    return {label: {"stats": s, "test": None if label == reference or reference not in stats
-                    else seeds_cases_test(stats[reference], s)} for label, s in stats.items()}
+    return {
+        label: {
+            "stats": s,
+            "test": None if label == reference or reference not in stats else seeds_cases_test(stats[reference], s),
+        }
+        for label, s in stats.items()
+    }
 
 
 def seeded_dataset_section(entry: dict, reference: str) -> list:
@@ -294,24 +324,33 @@ def seeded_dataset_section(entry: dict, reference: str) -> list:
     units = first.get("units", "")
     seeds = sorted({s for m in models for s in m["seeds"]})
     folds = sorted({f for m in models for metrics in m["seeds"].values() for f in metrics.get("benchmark_folds", [])})
-    lines = [f"## {entry['dataset']} ({entry['configuration']})", "",
-             f"Seeds {seeds}; cross-validation folds {folds}; {len(first['per_case'])} validation cases per seed. "
-             "Per model and metric: mean ± sample sd across seeds of the per-seed case means. p: two-sided paired "
-             f"Wilcoxon signed-rank test against {reference} on the pairs (seed, case) (Δmed = median of model - "
-             f"reference over the pairs, n = pairs). Distances in {units}.", ""]
+    lines = [
+        f"## {entry['dataset']} ({entry['configuration']})",
+        "",
+        f"Seeds {seeds}; cross-validation folds {folds}; {len(first['per_case'])} validation cases per seed. "
+        "Per model and metric: mean ± sample sd across seeds of the per-seed case means. p: two-sided paired "
+        f"Wilcoxon signed-rank test against {reference} on the pairs (seed, case) (Δmed = median of model - "
+        f"reference over the pairs, n = pairs). Distances in {units}.",
+        "",
+    ]
     for label in [lab["name"] for lab in first["labels"]]:
         header = ["Model", "seeds"] + [f"{m} ({units})" if m == "hd95" else m for m in TABLE_METRICS]
         header += [f"p {m}" for m in TESTED_METRICS] + ["Params (M)", "GFLOPs", "Step ms"]
         lines += [f"### {label}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        rows = {k: seeded_metric_rows(models, reference, lambda metrics, k=k: _label_values(metrics, label, k))
-                for k in TABLE_METRICS}
+        rows = {
+            k: seeded_metric_rows(models, reference, lambda metrics, k=k: _label_values(metrics, label, k))
+            for k in TABLE_METRICS
+        }
         for m in models:
             row = [m["label"], str(rows["dice"][m["label"]]["stats"]["n_seeds"])]
             row += [_seeded(rows[k][m["label"]]["stats"], 2 if k == "hd95" else 4) for k in TABLE_METRICS]
             row += ["reference" if m["label"] == reference else _p(rows[k][m["label"]]["test"]) for k in TESTED_METRICS]
             eff = _efficiency(entry.get("profile"), m["trainer"])
-            row += ([f"{eff['parameters'] / 1e6:.2f}", f"{eff['gflops']:.2f}", f"{eff['step_ms_median']:.0f}"]
-                    if eff else ["n/a"] * 3)
+            row += (
+                [f"{eff['parameters'] / 1e6:.2f}", f"{eff['gflops']:.2f}", f"{eff['step_ms_median']:.0f}"]
+                if eff
+                else ["n/a"] * 3
+            )
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if all("blob_class" in metrics for m in models for metrics in m["seeds"].values()):
@@ -321,19 +360,26 @@ def seeded_dataset_section(entry: dict, reference: str) -> list:
 
 
 def blob_class_section(models: list, reference: str) -> list:
-    rows = {k: seeded_metric_rows(models, reference, lambda metrics, k=k: _blob_values(metrics, k))
-            for k in BLOB_METRICS}
-    lines = ["### Blob-class accuracy", "",
-             "Per case: 1 when the majority foreground class predicted inside the reference blob is the blob's class, "
-             "else 0 (chance: 0.5); and the fraction of blob pixels predicted with the right class.", "",
-             "| Model | seeds | accuracy | per-seed accuracy | blob pixels right | p accuracy | p blob pixels right |",
-             "|---|---|---|---|---|---|---|"]
+    rows = {
+        k: seeded_metric_rows(models, reference, lambda metrics, k=k: _blob_values(metrics, k)) for k in BLOB_METRICS
+    }
+    lines = [
+        "### Blob-class accuracy",
+        "",
+        "Per case: 1 when the majority foreground class predicted inside the reference blob is the blob's class, "
+        "else 0 (chance: 0.5); and the fraction of blob pixels predicted with the right class.",
+        "",
+        "| Model | seeds | accuracy | per-seed accuracy | blob pixels right | p accuracy | p blob pixels right |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in models:
         accuracy = rows["accuracy"][m["label"]]
         per_seed = " / ".join(f"{v:.2f}" for _, v in sorted(accuracy["stats"]["per_seed"].items()))
         tests = ["reference" if m["label"] == reference else _p(rows[k][m["label"]]["test"]) for k in BLOB_METRICS]
-        lines.append(f"| {m['label']} | {accuracy['stats']['n_seeds']} | {_seeded(accuracy['stats'], 3)} | {per_seed} "
-                     f"| {_seeded(rows['fraction'][m['label']]['stats'], 3)} | {' | '.join(tests)} |")
+        lines.append(
+            f"| {m['label']} | {accuracy['stats']['n_seeds']} | {_seeded(accuracy['stats'], 3)} | {per_seed} "
+            f"| {_seeded(rows['fraction'][m['label']]['stats'], 3)} | {' | '.join(tests)} |"
+        )
     return lines + [""]
 
 
@@ -341,29 +387,45 @@ def seeded_ablation_findings(models: list, first_metrics: dict) -> list:
     """Per (model, ablated twin): did the removed part help? Dice per label, and blob-class accuracy when scored;
     the test is over (seed, case) pairs."""
     lines = []
-    metrics = [(f"{lab['name']}: mean Dice", lambda m, n=lab["name"]: _label_values(m, n, "dice"))
-               for lab in first_metrics["labels"]]
+    metrics = [
+        (f"{lab['name']}: mean Dice", lambda m, n=lab["name"]: _label_values(m, n, "dice"))
+        for lab in first_metrics["labels"]
+    ]
     if "blob_class" in first_metrics:
         metrics.append(("blob-class accuracy", lambda m: _blob_values(m, "accuracy")))
     for m, ablated, part in ablation_pairs(models):
         for name, values in metrics:
             full, without = seed_statistics(m, values), seed_statistics(ablated, values)
             test = seeds_cases_test(without, full)
-            lines.append(f"- {name}: {part} {verdict(full['mean'], without['mean'], test['p_value'])}: {m['label']} "
-                         f"{full['mean']:.4f} vs {ablated['label']} {without['mean']:.4f} (means across seeds), "
-                         f"Wilcoxon over {test['n']} (seed, case) pairs p = {test['p_value']:.3g}.")
+            lines.append(
+                f"- {name}: {part} {verdict(full['mean'], without['mean'], test['p_value'])}: {m['label']} "
+                f"{full['mean']:.4f} vs {ablated['label']} {without['mean']:.4f} (means across seeds), "
+                f"Wilcoxon over {test['n']} (seed, case) pairs p = {test['p_value']:.3g}."
+            )
     return (["**Ablations** (same plans, same folds, same seeds):", ""] + lines + [""]) if lines else []
 
 
 def _json_model(model: dict) -> dict:
     if "seeds" not in model:
         metrics = model["metrics"]
-        return {"label": model["label"], "per_label": metrics["per_label"], "pooled": metrics.get("pooled"),
-                "folds": metrics.get("benchmark_folds"), "blob_class": metrics.get("blob_class")}
-    return {"label": model["label"],
-            "seeds": {str(seed): {"per_label": metrics["per_label"], "folds": metrics.get("benchmark_folds"),
-                                  "blob_class": metrics.get("blob_class")}
-                      for seed, metrics in model["seeds"].items()}}
+        return {
+            "label": model["label"],
+            "per_label": metrics["per_label"],
+            "pooled": metrics.get("pooled"),
+            "folds": metrics.get("benchmark_folds"),
+            "blob_class": metrics.get("blob_class"),
+        }
+    return {
+        "label": model["label"],
+        "seeds": {
+            str(seed): {
+                "per_label": metrics["per_label"],
+                "folds": metrics.get("benchmark_folds"),
+                "blob_class": metrics.get("blob_class"),
+            }
+            for seed, metrics in model["seeds"].items()
+        },
+    }
 
 
 def build_report(entries: list, reference: str, output_dir: str, header_lines=()) -> dict:
@@ -373,14 +435,23 @@ def build_report(entries: list, reference: str, output_dir: str, header_lines=()
         raise HyMUNetError("no dataset has all requested folds finished: nothing to report")
     lines = ["# Benchmark report", "", *header_lines, ""]
     for entry in entries:
-        lines += seeded_dataset_section(entry, reference) if "seeds" in entry["models"][0] else dataset_section(
-            entry, reference)
+        lines += (
+            seeded_dataset_section(entry, reference)
+            if "seeds" in entry["models"][0]
+            else dataset_section(entry, reference)
+        )
     markdown = "\n".join(lines) + "\n"
     paths = {k: os.path.join(output_dir, f"report.{k}") for k in ("md", "json")}
     atomic_write_text(paths["md"], markdown)
-    summary = [{"dataset": e["dataset"], "configuration": e["configuration"],
-                "models": [_json_model(m) for m in e["models"]],
-                "tests": e["comparison"]["tests"] if e.get("comparison") else [],
-                "profile": e.get("profile")} for e in entries]
+    summary = [
+        {
+            "dataset": e["dataset"],
+            "configuration": e["configuration"],
+            "models": [_json_model(m) for m in e["models"]],
+            "tests": e["comparison"]["tests"] if e.get("comparison") else [],
+            "profile": e.get("profile"),
+        }
+        for e in entries
+    ]
     atomic_write_text(paths["json"], json.dumps({"reference": reference, "datasets": summary}, indent=2))
     return paths

@@ -78,8 +78,9 @@ class Run:
 
         if not nnUNet_results:
             raise HyMUNetError("nnUNet_results is not set: it must point at nnU-Net's results folder")
-        return os.path.join(nnUNet_results, self.dataset,
-                            f"{self.trained_trainer}__{self.model.plans}__{self.configuration}")
+        return os.path.join(
+            nnUNet_results, self.dataset, f"{self.trained_trainer}__{self.model.plans}__{self.configuration}"
+        )
 
     @property
     def fold_folder(self) -> str:
@@ -98,8 +99,19 @@ class Run:
 
     def command(self, device: str, state: str = None) -> list:
         state = state or self.state()
-        command = ["nnUNetv2_train", self.dataset_id, self.configuration, str(self.fold), "-tr", self.trained_trainer,
-                   "-p", self.model.plans, "--npz", "-device", device]
+        command = [
+            "nnUNetv2_train",
+            self.dataset_id,
+            self.configuration,
+            str(self.fold),
+            "-tr",
+            self.trained_trainer,
+            "-p",
+            self.model.plans,
+            "--npz",
+            "-device",
+            device,
+        ]
         if state == "validate":
             command.append("--val")
         elif state == "continue":
@@ -167,8 +179,10 @@ def check_seeds(seeds) -> list:
 def plan_runs(datasets, configurations, models, folds, short_schedule: bool, seeds=None) -> list:
     """All runs, in dataset, seed, fold, model order (so partial results cover every model early)."""
     if len(configurations) not in (1, len(datasets)):
-        raise HyMUNetError(f"-c: give one configuration for all datasets or one per dataset ({len(datasets)}), "
-                           f"got {len(configurations)}")
+        raise HyMUNetError(
+            f"-c: give one configuration for all datasets or one per dataset ({len(datasets)}), "
+            f"got {len(configurations)}"
+        )
     if not datasets or not models or not folds:
         raise HyMUNetError("need at least one dataset (-d), one trainer (-tr) and one fold (-f)")
     configurations = list(configurations) * (len(datasets) if len(configurations) == 1 else 1)
@@ -179,8 +193,16 @@ def plan_runs(datasets, configurations, models, folds, short_schedule: bool, see
         for seed in check_seeds(seeds):
             for fold in folds:
                 for model in models:
-                    runs.append(Run(name, configuration, model, fold,
-                                    trained_trainer_name(model.trainer, short_schedule, seed, model.plans), seed))
+                    runs.append(
+                        Run(
+                            name,
+                            configuration,
+                            model,
+                            fold,
+                            trained_trainer_name(model.trainer, short_schedule, seed, model.plans),
+                            seed,
+                        )
+                    )
     return runs
 
 
@@ -198,18 +220,35 @@ def preprocessing_commands(dataset: str, configuration: str, plans: str, num_pro
     n = str(num_processes)
     if not os.path.isfile(plans_file):
         if plans == LONG_RANGE_PLANS:
-            return (preprocessing_commands(dataset, configuration, SOURCE_PLANS, num_processes)
-                    + [["hymunet", "benchmark", "long-range-plans", "-d", number, "-c", configuration]])
+            return preprocessing_commands(dataset, configuration, SOURCE_PLANS, num_processes) + [
+                ["hymunet", "benchmark", "long-range-plans", "-d", number, "-c", configuration]
+            ]
         if plans not in PLANNER_FOR_PLANS:
-            raise HyMUNetError(f"{plans_file} does not exist and {plans!r} is not a plans name a stock planner writes "
-                               f"({', '.join(PLANNER_FOR_PLANS)}) nor {LONG_RANGE_PLANS}: create it first (e.g. "
-                               "hymunet plan)")
-        return [["nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-pl", PLANNER_FOR_PLANS[plans],
-                 "-np", n, "-npfp", n]]
+            raise HyMUNetError(
+                f"{plans_file} does not exist and {plans!r} is not a plans name a stock planner writes "
+                f"({', '.join(PLANNER_FOR_PLANS)}) nor {LONG_RANGE_PLANS}: create it first (e.g. "
+                "hymunet plan)"
+            )
+        return [
+            [
+                "nnUNetv2_plan_and_preprocess",
+                "-d",
+                number,
+                "-c",
+                configuration,
+                "-pl",
+                PLANNER_FOR_PLANS[plans],
+                "-np",
+                n,
+                "-npfp",
+                n,
+            ]
+        ]
     configurations = read_plans(plans_file)["configurations"]
     if configuration not in configurations:
-        raise HyMUNetError(f"{plans_file} has no configuration {configuration!r} (it has: "
-                           f"{', '.join(sorted(configurations))})")
+        raise HyMUNetError(
+            f"{plans_file} has no configuration {configuration!r} (it has: {', '.join(sorted(configurations))})"
+        )
     identifier = configurations[configuration].get("data_identifier")
     data = os.path.join(folder, identifier) if identifier else None
     if data and os.path.isdir(data) and os.listdir(data) and os.path.isdir(os.path.join(folder, "gt_segmentations")):
@@ -217,8 +256,13 @@ def preprocessing_commands(dataset: str, configuration: str, plans: str, num_pro
     return [["nnUNetv2_preprocess", "-d", number, "-c", configuration, "-plans_name", plans, "-np", n]]
 
 
-def subprocess_environment(short_schedule: dict = None, num_processes: int = None, n_proc_da: int = None,
-                           training: bool = True, bench_copies: bool = None) -> dict:
+def subprocess_environment(
+    short_schedule: dict = None,
+    num_processes: int = None,
+    n_proc_da: int = None,
+    training: bool = True,
+    bench_copies: bool = None,
+) -> dict:
     """Variables the runner sets for nnU-Net subprocesses (on top of the caller's environment). bench_copies (default:
     whether there is a short schedule): the trainings use the benchmark trainer copies, so nnU-Net must find them."""
     env = {}
@@ -258,22 +302,39 @@ class Ledger:
             return [json.loads(line) for line in f if line.strip()]
 
 
-def slurm_script(runs: list, device: str, env: dict, preprocessing: list, job_name: str = "hymunet-benchmark",
-                 time_limit: str = "72:00:00", gpus: int = 1, cpus: int = 8, partition: str = None) -> str:
+def slurm_script(
+    runs: list,
+    device: str,
+    env: dict,
+    preprocessing: list,
+    job_name: str = "hymunet-benchmark",
+    time_limit: str = "72:00:00",
+    gpus: int = 1,
+    cpus: int = 8,
+    partition: str = None,
+) -> str:
     """A Slurm job array with one task per pending training (preprocessing listed as a step to run first)."""
     if not runs:
         raise HyMUNetError("--emit-slurm: every run is already finished; nothing to submit")
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{len(runs) - 1}",
-             f"#SBATCH --time={time_limit}", f"#SBATCH --cpus-per-task={cpus}",
-             f"#SBATCH --output={job_name}-%A_%a.log"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --array=0-{len(runs) - 1}",
+        f"#SBATCH --time={time_limit}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --output={job_name}-%A_%a.log",
+    ]
     if gpus:
         lines.append(f"#SBATCH --gres=gpu:{gpus}")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
-    lines += ["#", "# Generated by `hymunet benchmark run --emit-slurm`: one array task per pending nnU-Net training.",
-              "# nnUNet_raw / nnUNet_preprocessed / nnUNet_results must be set in the submitting environment.",
-              "# Afterwards rerun the same `hymunet benchmark run` command (without --emit-slurm) to evaluate and",
-              "# report; finished folds are skipped."]
+    lines += [
+        "#",
+        "# Generated by `hymunet benchmark run --emit-slurm`: one array task per pending nnU-Net training.",
+        "# nnUNet_raw / nnUNet_preprocessed / nnUNet_results must be set in the submitting environment.",
+        "# Afterwards rerun the same `hymunet benchmark run` command (without --emit-slurm) to evaluate and",
+        "# report; finished folds are skipped.",
+    ]
     if preprocessing:
         lines.append("# Run this preprocessing ONCE before submitting (the array does not do it):")
         lines += [f"#   {shell_line(c)}" for c in preprocessing]
@@ -281,8 +342,12 @@ def slurm_script(runs: list, device: str, env: dict, preprocessing: list, job_na
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append("COMMANDS=(")
     lines += [f"  {shlex.quote(shell_line(run.command(device)))}" for run in runs]
-    lines += [")", 'echo "task ${SLURM_ARRAY_TASK_ID}: ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"',
-              'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    lines += [
+        ")",
+        'echo "task ${SLURM_ARRAY_TASK_ID}: ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"',
+        'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"',
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -7,8 +7,11 @@ Light on purpose (no torch, no nnunetv2): the CLI, the runner and the trainer co
 import re
 
 # environment variable -> trainer attribute it sets
-SCHEDULE_ENV = {"HYMUNET_BENCH_EPOCHS": "num_epochs", "HYMUNET_BENCH_ITERATIONS": "num_iterations_per_epoch",
-                "HYMUNET_BENCH_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
+SCHEDULE_ENV = {
+    "HYMUNET_BENCH_EPOCHS": "num_epochs",
+    "HYMUNET_BENCH_ITERATIONS": "num_iterations_per_epoch",
+    "HYMUNET_BENCH_VAL_ITERATIONS": "num_val_iterations_per_epoch",
+}
 BENCH_SUFFIX = "_bench"
 # <base>_bench or <base>_bench_s<seed>; the seed is part of the class name, so `--c` and nnUNetv2_predict (which look
 # the class up by the name stored in the checkpoint) get the same seeded trainer back

@@ -18,8 +18,17 @@ from nnunetv2_hymunet.fs_safety import atomic_write_text
 from nnunetv2_hymunet.nnunet_tools import read_schedule
 
 
-def _profile_dataset(dataset: str, configuration: str, plans: str, trainers: list, device: str, repeats: int,
-                     output_dir: str, threads=None, log=print):
+def _profile_dataset(
+    dataset: str,
+    configuration: str,
+    plans: str,
+    trainers: list,
+    device: str,
+    repeats: int,
+    output_dir: str,
+    threads=None,
+    log=print,
+):
     """profile_models on the dataset's plans, cached in OUTPUT/profile/ (recomputed when the model list changes)."""
     from nnunetv2_hymunet.benchmark.presets import dataset_plan
     from nnunetv2_hymunet.benchmark.profile_report import write_profile_outputs
@@ -32,8 +41,9 @@ def _profile_dataset(dataset: str, configuration: str, plans: str, trainers: lis
             result = json.load(f)
         if [m["model"] for m in result["models"]] == trainers:
             return result
-    result = profile_models(dataset_plan(dataset, configuration, plans), trainers, device=device, repeats=repeats,
-                            threads=threads, log=log)
+    result = profile_models(
+        dataset_plan(dataset, configuration, plans), trainers, device=device, repeats=repeats, threads=threads, log=log
+    )
     write_profile_outputs(result, folder)
     return result
 
@@ -46,14 +56,33 @@ def check_trainers(models) -> None:
         try:
             find_trainer_class(model.trainer)
         except HyMUNetError:
-            raise HyMUNetError(f"-tr {model.trainer}: no nnU-Net trainer class of that name (searched "
-                               "nnunetv2.training.nnUNetTrainer and the nnUNet_extTrainer folders)") from None
+            raise HyMUNetError(
+                f"-tr {model.trainer}: no nnU-Net trainer class of that name (searched "
+                "nnunetv2.training.nnUNetTrainer and the nnUNet_extTrainer folders)"
+            ) from None
 
 
-def run_benchmark(datasets, configurations, models, folds, output_dir, device="cpu", reference=None,
-                  short_schedule=None, num_processes=None, n_proc_da=None, dry_run=False, emit_slurm=None,
-                  train=True, profile=True, profile_repeats=3, profile_threads=None, slurm_options=None,
-                  seeds=None, log=print) -> dict:
+def run_benchmark(
+    datasets,
+    configurations,
+    models,
+    folds,
+    output_dir,
+    device="cpu",
+    reference=None,
+    short_schedule=None,
+    num_processes=None,
+    n_proc_da=None,
+    dry_run=False,
+    emit_slurm=None,
+    train=True,
+    profile=True,
+    profile_repeats=3,
+    profile_threads=None,
+    slurm_options=None,
+    seeds=None,
+    log=print,
+) -> dict:
     """Returns {'commands': [...], 'report': paths or None, 'trained': [run descriptions]}."""
     models = [m if isinstance(m, runner.Model) else runner.Model.parse(m) for m in models]
     labels = [m.label for m in models]
@@ -66,8 +95,9 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
     check_trainers(models)
     bench_copies = any(r.trained_trainer != r.model.trainer for r in runs)
     preprocess_env = runner.subprocess_environment(None, num_processes, None, training=False)
-    train_env = runner.subprocess_environment(short_schedule, num_processes, n_proc_da, training=True,
-                                              bench_copies=bench_copies)
+    train_env = runner.subprocess_environment(
+        short_schedule, num_processes, n_proc_da, training=True, bench_copies=bench_copies
+    )
     if bench_copies:  # the copies read these from the environment: refuse bad values before any training starts
         read_schedule(SCHEDULE_ENV, {**os.environ, **train_env})
     n_proc = num_processes or 1
@@ -83,8 +113,9 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
     commands += [runner.shell_line(r.command(device), train_env) for r in pending]
 
     if emit_slurm:
-        runner.write_slurm_script(emit_slurm, runner.slurm_script(pending, device, train_env, preprocessing,
-                                                                  **(slurm_options or {})))
+        runner.write_slurm_script(
+            emit_slurm, runner.slurm_script(pending, device, train_env, preprocessing, **(slurm_options or {}))
+        )
         log(f"wrote {emit_slurm}: a job array of {len(pending)} training(s)")
         return {"commands": commands, "report": None, "trained": []}
     if dry_run:
@@ -114,34 +145,54 @@ def run_benchmark(datasets, configurations, models, folds, output_dir, device="c
         command = run.command(device, state)
         log(f"{state}: {run.describe()}")
         seed = f"seed{run.seed}__" if run.seed is not None else ""
-        log_file = os.path.join(logs, safe_name(f"{run.dataset}__{run.model.label}__{run.configuration}__{seed}"
-                                                f"fold{run.fold}") + ".log")
+        log_file = os.path.join(
+            logs, safe_name(f"{run.dataset}__{run.model.label}__{run.configuration}__{seed}fold{run.fold}") + ".log"
+        )
         seconds = runner.execute(command, train_env, log_file)
         trained.append(run.describe())
-        ledger.record(action=state, run=run.describe(), command=runner.shell_line(command, train_env),
-                      seconds=round(seconds, 1), schedule=short_schedule or "trainer default")
+        ledger.record(
+            action=state,
+            run=run.describe(),
+            command=runner.shell_line(command, train_env),
+            seconds=round(seconds, 1),
+            schedule=short_schedule or "trainer default",
+        )
         log(f"  finished in {seconds:.0f} s")
         write_run_summary(run, output_dir)
 
     entries = []
     for dataset, configuration in dict.fromkeys((r.dataset, r.configuration) for r in runs):
-        entry = _dataset_entry(dataset, configuration, [r for r in runs if r.dataset == dataset], models, output_dir,
-                               device, profile, profile_repeats, profile_threads, n_proc, log)
+        entry = _dataset_entry(
+            dataset,
+            configuration,
+            [r for r in runs if r.dataset == dataset],
+            models,
+            output_dir,
+            device,
+            profile,
+            profile_repeats,
+            profile_threads,
+            n_proc,
+            log,
+        )
         if entry:
             entries.append(entry)
-    header = [f"Command: `{' '.join(sys.argv)}`",
-              f"Models: {', '.join(labels)} (reference {reference}); seeds: "
-              f"{' '.join(map(str, seeds)) if seeds is not None else 'not set (trainer defaults)'}; short schedule: "
-              f"{short_schedule or 'no (trainer defaults)'}; device {device}; "
-              f"load average at report time {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}."]
+    header = [
+        f"Command: `{' '.join(sys.argv)}`",
+        f"Models: {', '.join(labels)} (reference {reference}); seeds: "
+        f"{' '.join(map(str, seeds)) if seeds is not None else 'not set (trainer defaults)'}; short schedule: "
+        f"{short_schedule or 'no (trainer defaults)'}; device {device}; "
+        f"load average at report time {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}.",
+    ]
     paths = build_report(entries, reference, output_dir, header) if entries else None
     if paths:
         log(f"report: {paths['md']}")
     return {"commands": commands, "report": paths, "trained": trained}
 
 
-def _dataset_entry(dataset, configuration, runs, models, output_dir, device, profile, profile_repeats, profile_threads,
-                   n_proc, log):
+def _dataset_entry(
+    dataset, configuration, runs, models, output_dir, device, profile, profile_repeats, profile_threads, n_proc, log
+):
     from nnunetv2_hymunet.evaluation import compare_runs
 
     evaluation_root = os.path.join(output_dir, "evaluation", dataset)
@@ -157,8 +208,10 @@ def _dataset_entry(dataset, configuration, runs, models, output_dir, device, pro
                 log(f"  {what}: {len(unfinished)} fold(s) not finished, left out of the report")
                 continue
             run_name = safe_name(model.label) + (f"__s{seed}" if seed is not None else "")
-            per_seed[seed] = (run_name, evaluate_model(model_runs, os.path.join(evaluation_root, run_name), n_proc,
-                                                       log))
+            per_seed[seed] = (
+                run_name,
+                evaluate_model(model_runs, os.path.join(evaluation_root, run_name), n_proc, log),
+            )
             trainer = trainer or model_runs[0].trained_trainer
         if not per_seed:
             continue
@@ -175,19 +228,45 @@ def _dataset_entry(dataset, configuration, runs, models, output_dir, device, pro
         comparison_dir = os.path.join(evaluation_root, "comparison")
         comparison = compare_runs([os.path.join(evaluation_root, m["run_name"]) for m in evaluated], comparison_dir)
         plots = os.path.join(comparison_dir, "boxplots")
-        boxplots = [os.path.relpath(os.path.join(plots, f), output_dir) for f in sorted(os.listdir(plots))
-                    if f.endswith(".png")] if os.path.isdir(plots) else []
+        boxplots = (
+            [
+                os.path.relpath(os.path.join(plots, f), output_dir)
+                for f in sorted(os.listdir(plots))
+                if f.endswith(".png")
+            ]
+            if os.path.isdir(plots)
+            else []
+        )
     profile_result = None
     if profile:
         plans = {m["plans"] for m in evaluated}
         if len(plans) > 1:
             log(f"  {dataset}: models use different plans ({', '.join(sorted(plans))}); profiling each on its own")
-        results = [_profile_dataset(dataset, configuration, p, [m["trainer"] for m in evaluated if m["plans"] == p],
-                                    device, profile_repeats, output_dir, profile_threads, log) for p in sorted(plans)]
-        profile_result = results[0] if len(results) == 1 else {**results[0],
-                                                               "models": [m for r in results for m in r["models"]]}
-    return {"dataset": dataset, "configuration": configuration, "models": evaluated, "comparison": comparison,
-            "profile": profile_result, "boxplots": boxplots}
+        results = [
+            _profile_dataset(
+                dataset,
+                configuration,
+                p,
+                [m["trainer"] for m in evaluated if m["plans"] == p],
+                device,
+                profile_repeats,
+                output_dir,
+                profile_threads,
+                log,
+            )
+            for p in sorted(plans)
+        ]
+        profile_result = (
+            results[0] if len(results) == 1 else {**results[0], "models": [m for r in results for m in r["models"]]}
+        )
+    return {
+        "dataset": dataset,
+        "configuration": configuration,
+        "models": evaluated,
+        "comparison": comparison,
+        "profile": profile_result,
+        "boxplots": boxplots,
+    }
 
 
 def _rounded(values, digits: int = 4) -> list:
@@ -205,27 +284,47 @@ def run_summary(run) -> dict:
     from nnunetv2_hymunet.benchmark.presets import read_json_file
 
     validation = read_json_file(os.path.join(run.fold_folder, "validation", "summary.json"), "validation summary")
-    checkpoint = torch.load(os.path.join(run.fold_folder, "checkpoint_final.pth"), map_location="cpu",
-                            weights_only=False)
+    checkpoint = torch.load(
+        os.path.join(run.fold_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False
+    )
     logging = checkpoint.get("logging", {})
     starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
     dataset_json = os.path.join(nnUNet_preprocessed, run.dataset, "dataset.json")
     ending = read_json_file(dataset_json, "dataset.json").get("file_ending", "")
-    per_case = [{"case": os.path.basename(c.get("reference_file", ""))[:-len(ending) or None],
-                 "dice": {label: _rounded([m.get("Dice")])[0] for label, m in c.get("metrics", {}).items()}}
-                for c in validation.get("metric_per_case", [])]
-    summary = {"dataset": run.dataset, "configuration": run.configuration, "model": run.model.label,
-               "trainer": run.trained_trainer, "plans": run.model.plans, "fold": run.fold, "seed": run.seed,
-               "epochs": len(logging.get("train_losses", [])),
-               "seconds_per_epoch": _rounded([e - s for s, e in zip(starts, ends)], 1),
-               "curves": {k: _rounded(logging.get(k, [])) for k in ("train_losses", "val_losses", "ema_fg_dice")},
-               "validation": {"foreground_mean_dice": _rounded([validation.get("foreground_mean", {}).get("Dice")])[0],
-                              "per_case": per_case}}
+    per_case = [
+        {
+            "case": os.path.basename(c.get("reference_file", ""))[: -len(ending) or None],
+            "dice": {label: _rounded([m.get("Dice")])[0] for label, m in c.get("metrics", {}).items()},
+        }
+        for c in validation.get("metric_per_case", [])
+    ]
+    summary = {
+        "dataset": run.dataset,
+        "configuration": run.configuration,
+        "model": run.model.label,
+        "trainer": run.trained_trainer,
+        "plans": run.model.plans,
+        "fold": run.fold,
+        "seed": run.seed,
+        "epochs": len(logging.get("train_losses", [])),
+        "seconds_per_epoch": _rounded([e - s for s, e in zip(starts, ends)], 1),
+        "curves": {k: _rounded(logging.get(k, [])) for k in ("train_losses", "val_losses", "ema_fg_dice")},
+        "validation": {
+            "foreground_mean_dice": _rounded([validation.get("foreground_mean", {}).get("Dice")])[0],
+            "per_case": per_case,
+        },
+    }
     if is_long_range_dataset(dataset_json):
-        scores = score_folder(os.path.join(run.fold_folder, "validation"),
-                              os.path.join(nnUNet_preprocessed, run.dataset, "gt_segmentations"), dataset_json)
-        summary["blob_class"] = {"accuracy": scores["accuracy"], "fraction": round(scores["fraction"], 4),
-                                 "per_case": [{**c, "fraction": round(c["fraction"], 4)} for c in scores["per_case"]]}
+        scores = score_folder(
+            os.path.join(run.fold_folder, "validation"),
+            os.path.join(nnUNet_preprocessed, run.dataset, "gt_segmentations"),
+            dataset_json,
+        )
+        summary["blob_class"] = {
+            "accuracy": scores["accuracy"],
+            "fraction": round(scores["fraction"], 4),
+            "per_case": [{**c, "fraction": round(c["fraction"], 4)} for c in scores["per_case"]],
+        }
     return summary
 
 

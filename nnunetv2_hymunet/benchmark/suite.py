@@ -94,8 +94,9 @@ def long_range_case(rng, side: int):
         offset = side * rng.uniform(0.36, 0.41) * np.array([np.sin(angle), np.cos(angle)])
         turn = rng.choice((-1, 1))
         blob_radius = side * rng.uniform(0.05, 0.065)
-        wobble = 1 + 0.15 * np.cos(3 * np.arctan2(yy - centre[0] - offset[0], xx - centre[1] - offset[1])
-                                   + rng.uniform(0, 2 * np.pi))
+        wobble = 1 + 0.15 * np.cos(
+            3 * np.arctan2(yy - centre[0] - offset[0], xx - centre[1] - offset[1]) + rng.uniform(0, 2 * np.pi)
+        )
         blob = np.hypot(yy - centre[0] - offset[0], xx - centre[1] - offset[1]) < blob_radius * wobble
         key = _disc(yy, xx, centre - offset, marker_radius)
         decoy = _disc(yy, xx, centre + turn * np.array([-offset[1], offset[0]]), marker_radius)
@@ -121,18 +122,20 @@ def long_range_description(side: int) -> tuple:
     from nnunetv2_hymunet.benchmark.presets import _configuration
 
     n_stages = int(np.log2(side / 4)) + 1  # nnU-Net's planner stops at a 4-pixel bottleneck
-    features = [min(32 * 2 ** s, 512) for s in range(n_stages)]
+    features = [min(32 * 2**s, 512) for s in range(n_stages)]
     plans = {"configurations": {"2d": _configuration(2, (side, side), 2, (1.0, 1.0), features, 1, "nnUNetPlans_2d")}}
     distance = min_marker_distance(side)
     stages = choose_stages(plans, "2d", distance)
     cut = cut_plans(plans, "2d", stages)["configurations"]["2d"]["architecture"]["arch_kwargs"]
     rf = max(conv_receptive_field(cut, 2))
-    text = (f"A blob's class (1: key marker bright, 2: key marker dark) is given only by the marker diametrically "
-            f"opposite it through the image centre; a decoy marker of the other brightness sits a quarter turn away. "
-            f"Every blob-marker and marker-marker distance is at least {distance} px (Chebyshev). Train with plans "
-            f"{LONG_RANGE_PLANS} (`hymunet benchmark long-range-plans`): nnU-Net's 2d plans cut to {stages} stages, "
-            f"whose conv-only receptive field is {rf} px, smaller than that distance; a conv-only network can only "
-            f"guess the class. Score: blob-class accuracy.")
+    text = (
+        f"A blob's class (1: key marker bright, 2: key marker dark) is given only by the marker diametrically "
+        f"opposite it through the image centre; a decoy marker of the other brightness sits a quarter turn away. "
+        f"Every blob-marker and marker-marker distance is at least {distance} px (Chebyshev). Train with plans "
+        f"{LONG_RANGE_PLANS} (`hymunet benchmark long-range-plans`): nnU-Net's 2d plans cut to {stages} stages, "
+        f"whose conv-only receptive field is {rf} px, smaller than that distance; a conv-only network can only "
+        f"guess the class. Score: blob-class accuracy."
+    )
     return text, rf, stages
 
 
@@ -154,8 +157,9 @@ def regions_case(rng, side: int):
     label[necrosis] = NCR
     label[~brain] = 0
     # (background, NCR, ED, ET) intensity per channel: T1, T1ce, T2, FLAIR
-    contrasts = np.array([[0.5, 0.3, 0.45, 0.35], [0.4, 0.2, 0.4, 0.9], [0.35, 0.6, 0.7, 0.6], [0.3, 0.7, 0.8, 0.75]],
-                         dtype=np.float32)
+    contrasts = np.array(
+        [[0.5, 0.3, 0.45, 0.35], [0.4, 0.2, 0.4, 0.9], [0.35, 0.6, 0.7, 0.6], [0.3, 0.7, 0.8, 0.75]], dtype=np.float32
+    )
     channels = np.empty((4, side, side, side), dtype=np.float32)
     for c in range(4):
         channel = contrasts[c][label] + 0.05 * _smooth(rng, label.shape, 2.0) + 0.04 * rng.standard_normal(label.shape)
@@ -199,24 +203,50 @@ def _write_task(folder: str, task: str, n_cases: int, side: int, seed: int) -> N
                 _write_nifti(os.path.join(images, f"{case}_{c:04d}.nii.gz"), channels[c])
             _write_nifti(os.path.join(labels, f"{case}.nii.gz"), label)
     if task == "SynthLesion2D":
-        write_dataset_json(folder, {0: "R", 1: "G", 2: "B"}, {"background": 0, "lesion": 1}, n_cases, ".png",
-                           dataset_name=task)
+        write_dataset_json(
+            folder, {0: "R", 1: "G", 2: "B"}, {"background": 0, "lesion": 1}, n_cases, ".png", dataset_name=task
+        )
     elif task == LONG_RANGE_TASK:
         from nnunetv2_hymunet.benchmark.long_range import DATASET_KEY
 
         description, rf, stages = long_range_description(side)
         print(f"{task}: {description}")
-        write_dataset_json(folder, {0: "grey"}, {"background": 0, "blob_key_bright": 1, "blob_key_dark": 2},
-                           n_cases, ".png", dataset_name=task, description=description,
-                           **{DATASET_KEY: {"min_marker_distance_px": min_marker_distance(side),
-                                            "expected_receptive_field_px": rf, "expected_stages": stages}})
+        write_dataset_json(
+            folder,
+            {0: "grey"},
+            {"background": 0, "blob_key_bright": 1, "blob_key_dark": 2},
+            n_cases,
+            ".png",
+            dataset_name=task,
+            description=description,
+            **{
+                DATASET_KEY: {
+                    "min_marker_distance_px": min_marker_distance(side),
+                    "expected_receptive_field_px": rf,
+                    "expected_stages": stages,
+                }
+            },
+        )
     else:
-        write_dataset_json(folder, CHANNEL_NAMES, REGION_LABELS, n_cases, ".nii.gz",
-                           regions_class_order=REGIONS_CLASS_ORDER, dataset_name=task)
+        write_dataset_json(
+            folder,
+            CHANNEL_NAMES,
+            REGION_LABELS,
+            n_cases,
+            ".nii.gz",
+            regions_class_order=REGIONS_CLASS_ORDER,
+            dataset_name=task,
+        )
 
 
-def make_suite(output_root: str, first_id: int = DEFAULT_FIRST_ID, size: str = "small", tasks=TASKS,
-               overwrite: bool = False, seed: int = 0) -> list:
+def make_suite(
+    output_root: str,
+    first_id: int = DEFAULT_FIRST_ID,
+    size: str = "small",
+    tasks=TASKS,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> list:
     """Write the suite's datasets as DatasetNNN_<task> (ids first_id, first_id+1, ...); returns their folders."""
     if size not in ("small", "tiny"):
         raise HyMUNetError(f"--size must be 'small' or 'tiny', got {size!r}")

@@ -43,16 +43,17 @@ class Release:
         plain = gzipped[: -len(".gz")]
         present = [p for p in (gzipped, plain) if os.path.isfile(p)]
         if len(present) == 2:
-            return None, Problem(plain, f"both {os.path.basename(gzipped)} and {os.path.basename(plain)} exist; "
-                                        "keep one")
+            return None, Problem(
+                plain, f"both {os.path.basename(gzipped)} and {os.path.basename(plain)} exist; keep one"
+            )
         return (present[0] if present else None), None
 
 
 RELEASES = {
-    "2021": Release("2021", re.compile(r"^BraTS2021_\d{5}$"), "_", ("t1", "t1ce", "t2", "flair"), (0, 1, 2, 4),
-                    {4: 3}),
-    "2023": Release("2023", re.compile(r"^BraTS-GLI-\d{5}-\d{3}$"), "-", ("t1n", "t1c", "t2w", "t2f"), (0, 1, 2, 3),
-                    {}),
+    "2021": Release("2021", re.compile(r"^BraTS2021_\d{5}$"), "_", ("t1", "t1ce", "t2", "flair"), (0, 1, 2, 4), {4: 3}),
+    "2023": Release(
+        "2023", re.compile(r"^BraTS-GLI-\d{5}-\d{3}$"), "-", ("t1n", "t1c", "t2w", "t2f"), (0, 1, 2, 3), {}
+    ),
 }
 
 
@@ -89,8 +90,10 @@ def find_cases(input_dir: str, release_year: str | None) -> tuple[Release, list[
     folders = _case_folders(input_dir)
     release = detect_release(folders, input_dir)
     if release_year is not None and release_year != release.year:
-        raise HyMUNetError(f"--release {release_year} given, but the case folders in {input_dir} follow the "
-                           f"BraTS {release.year} naming")
+        raise HyMUNetError(
+            f"--release {release_year} given, but the case folders in {input_dir} follow the "
+            f"BraTS {release.year} naming"
+        )
     cases, problems, seen = [], [], {}
     training, test = [], []
     for folder in folders:
@@ -107,8 +110,12 @@ def find_cases(input_dir: str, release_year: str | None) -> tuple[Release, list[
         images = [path for path, _ in found[:4]]
         for modality, path in zip(release.modalities, images):
             if path is None and not ambiguous:
-                problems.append(Problem(os.path.join(folder, release.file_name(case_id, modality)),
-                                        "missing modality file (.nii.gz or .nii)"))
+                problems.append(
+                    Problem(
+                        os.path.join(folder, release.file_name(case_id, modality)),
+                        "missing modality file (.nii.gz or .nii)",
+                    )
+                )
         if ambiguous or None in images:
             continue
         seg = found[4][0]
@@ -116,24 +123,39 @@ def find_cases(input_dir: str, release_year: str | None) -> tuple[Release, list[
         if not labelled:
             stray = _segmentation_lookalikes(folder, images)
             if stray:
-                problems.append(Problem(stray[0], f"looks like a segmentation but is not named "
-                                                  f"{release.file_name(case_id, 'seg')} (or .nii); rename it, or "
-                                                  "remove it to convert the case as unlabelled"))
+                problems.append(
+                    Problem(
+                        stray[0],
+                        f"looks like a segmentation but is not named "
+                        f"{release.file_name(case_id, 'seg')} (or .nii); rename it, or "
+                        "remove it to convert the case as unlabelled",
+                    )
+                )
                 continue
         (training if labelled else test).append(case_id)
         image_folder = "imagesTr" if labelled else "imagesTs"
-        cases.append((images, seg if labelled else None,
-                      [os.path.join(image_folder, f"{case_id}_{c:04d}.nii.gz") for c in range(4)],
-                      os.path.join("labelsTr", f"{case_id}.nii.gz") if labelled else None))
-    record = {"training": {"images": "imagesTr", "labels": "labelsTr", "cases": sorted(training)},
-              "validation (no labels)": {"images": "imagesTs", "labels": None, "cases": sorted(test)}}
+        cases.append(
+            (
+                images,
+                seg if labelled else None,
+                [os.path.join(image_folder, f"{case_id}_{c:04d}.nii.gz") for c in range(4)],
+                os.path.join("labelsTr", f"{case_id}.nii.gz") if labelled else None,
+            )
+        )
+    record = {
+        "training": {"images": "imagesTr", "labels": "labelsTr", "cases": sorted(training)},
+        "validation (no labels)": {"images": "imagesTs", "labels": None, "cases": sorted(test)},
+    }
     return release, cases, record, problems
 
 
 def _segmentation_lookalikes(folder: str, images: list[str]) -> list[str]:
     """Files of a case folder without a proper seg file whose name says 'seg' (e.g. _seg.mha, _Seg.nii.gz)."""
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if "seg" in f.lower() and os.path.join(folder, f) not in images)
+    return sorted(
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if "seg" in f.lower() and os.path.join(folder, f) not in images
+    )
 
 
 def _copy_as_nii_gz(source: str, target: str) -> None:
@@ -207,8 +229,13 @@ def convert_case(case: tuple, output_dir: str, release: Release) -> list[Problem
     if seg_data is not None:
         unexpected = _unexpected_labels(seg_data, release.labels)
         if unexpected:
-            problems.append(Problem(seg_path, f"labels must be within {list(release.labels)} (BraTS {release.year}), "
-                                              f"found also {unexpected[:10]}"))
+            problems.append(
+                Problem(
+                    seg_path,
+                    f"labels must be within {list(release.labels)} (BraTS {release.year}), "
+                    f"found also {unexpected[:10]}",
+                )
+            )
     if problems:
         return problems
     for source, target in zip(images, images_out):
@@ -218,8 +245,15 @@ def convert_case(case: tuple, output_dir: str, release: Release) -> list[Problem
     return []
 
 
-def convert_brats(input_dir: str, output_root: str, dataset_id: int, name: str | None = None,
-                  overwrite: bool = False, num_workers: int = 1, release_year: str | None = None) -> str:
+def convert_brats(
+    input_dir: str,
+    output_root: str,
+    dataset_id: int,
+    name: str | None = None,
+    overwrite: bool = False,
+    num_workers: int = 1,
+    release_year: str | None = None,
+) -> str:
     """Convert a BraTS 2021 or 2023 GLI release (auto-detected from the case folder names)."""
     release, cases, record, problems = find_cases(input_dir, release_year)
     name = name or f"BraTS{release.year}"
@@ -227,22 +261,33 @@ def convert_brats(input_dir: str, output_root: str, dataset_id: int, name: str |
     with atomic as temp:
         for folder in sorted({os.path.dirname(p) for c in cases for p in c[2] + [c[3]] if p is not None}):
             os.makedirs(os.path.join(temp, folder), exist_ok=True)
-        results = map_cases(partial(convert_case, output_dir=temp, release=release), cases, num_workers,
-                            f"BraTS {release.year}")
+        results = map_cases(
+            partial(convert_case, output_dir=temp, release=release), cases, num_workers, f"BraTS {release.year}"
+        )
         raise_if_problems(problems + [p for r in results for p in r], f"the BraTS {release.year} input {input_dir}")
         os.makedirs(os.path.join(temp, "labelsTr"), exist_ok=True)
         write_dataset_json(
-            temp, CHANNEL_NAMES, REGION_LABELS, len(record["training"]["cases"]), ".nii.gz",
-            regions_class_order=REGIONS_CLASS_ORDER, dataset_name=atomic.folder_name,
+            temp,
+            CHANNEL_NAMES,
+            REGION_LABELS,
+            len(record["training"]["cases"]),
+            ".nii.gz",
+            regions_class_order=REGIONS_CLASS_ORDER,
+            dataset_name=atomic.folder_name,
             description=f"BraTS {release.year} glioma segmentation, region-based (labels: 1 NCR, 2 ED, 3 ET)",
-            reference="https://www.synapse.org/brats", license="see the BraTS release terms",
-            converted_by=f"hymunet convert brats (release {release.year})", brats_release=release.year,
-            release_label_map={str(k): v for k, v in release.remap.items()})
+            reference="https://www.synapse.org/brats",
+            license="see the BraTS release terms",
+            converted_by=f"hymunet convert brats (release {release.year})",
+            brats_release=release.year,
+            release_label_map={str(k): v for k, v in release.remap.items()},
+        )
         write_source_record(temp, "brats", input_dir, record, release=release.year)
     unlabelled = record["validation (no labels)"]["cases"]
     if unlabelled:
-        print(f"note: {len(unlabelled)} case(s) without a segmentation went to imagesTs as unlabelled test cases: "
-              f"{', '.join(unlabelled[:5])}{' ...' if len(unlabelled) > 5 else ''}")
+        print(
+            f"note: {len(unlabelled)} case(s) without a segmentation went to imagesTs as unlabelled test cases: "
+            f"{', '.join(unlabelled[:5])}{' ...' if len(unlabelled) > 5 else ''}"
+        )
     return atomic.target
 
 
@@ -263,8 +308,11 @@ def convert_prediction_back(case: tuple, release: Release) -> list[Problem]:
     if data is not None:
         unexpected = _unexpected_labels(data, DATASET_LABELS)
         if unexpected:
-            problems.append(Problem(source, f"prediction labels must be within {list(DATASET_LABELS)}, "
-                                            f"found also {unexpected[:10]}"))
+            problems.append(
+                Problem(
+                    source, f"prediction labels must be within {list(DATASET_LABELS)}, found also {unexpected[:10]}"
+                )
+            )
     if problems:
         return problems
     back = {dataset_label: release_label for release_label, dataset_label in release.remap.items()}
@@ -272,8 +320,9 @@ def convert_prediction_back(case: tuple, release: Release) -> list[Problem]:
     return []
 
 
-def convert_brats_back(pred_dir: str, output_dir: str, release_year: str, overwrite: bool = False,
-                       num_workers: int = 1) -> str:
+def convert_brats_back(
+    pred_dir: str, output_dir: str, release_year: str, overwrite: bool = False, num_workers: int = 1
+) -> str:
     """Map nnU-Net predictions (1 NCR, 2 ED, 3 ET) back to the release's label values, same file names."""
     if release_year not in RELEASES:
         raise HyMUNetError(f"--release must be one of {', '.join(RELEASES)}, got {release_year!r}")
@@ -284,7 +333,8 @@ def convert_brats_back(pred_dir: str, output_dir: str, release_year: str, overwr
     check_replaceable(output_dir, "--output", inputs, overwrite)
     with AtomicFolder(output_dir, "convert brats-back") as temp:
         cases = [(s, os.path.join(temp, os.path.basename(s))) for s in sources]
-        results = map_cases(partial(convert_prediction_back, release=release), cases, num_workers,
-                            f"BraTS {release.year} labels")
+        results = map_cases(
+            partial(convert_prediction_back, release=release), cases, num_workers, f"BraTS {release.year} labels"
+        )
         raise_if_problems([p for r in results for p in r], f"the predictions in {pred_dir}")
     return output_dir

@@ -18,6 +18,8 @@ CHANNEL_NAMES = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 
 def dataset_json_fields() -> dict:
     """channel_names, labels and regions_class_order as nnU-Net's dataset.json holds them (JSON lists)."""
-    return {"channel_names": dict(CHANNEL_NAMES),
-            "labels": {k: (list(v) if isinstance(v, tuple) else v) for k, v in REGION_LABELS.items()},
-            "regions_class_order": list(REGIONS_CLASS_ORDER)}
+    return {
+        "channel_names": dict(CHANNEL_NAMES),
+        "labels": {k: (list(v) if isinstance(v, tuple) else v) for k, v in REGION_LABELS.items()},
+        "regions_class_order": list(REGIONS_CLASS_ORDER),
+    }

@@ -67,12 +67,22 @@ def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
                 continue
             case_id = f"DRIVE_{number}"
             split_ids.append(case_id)
-            cases.append((images[number], manuals.get(number), fovs[number],
-                          os.path.join(images_out, f"{case_id}_0000.png"),
-                          os.path.join(labels_out, f"{case_id}.png") if labelled else None,
-                          os.path.join(fov_out, f"{case_id}.png")))
-        record[split] = {"images": images_out, "labels": labels_out if labelled else None, "fov": fov_out,
-                         "cases": split_ids}
+            cases.append(
+                (
+                    images[number],
+                    manuals.get(number),
+                    fovs[number],
+                    os.path.join(images_out, f"{case_id}_0000.png"),
+                    os.path.join(labels_out, f"{case_id}.png") if labelled else None,
+                    os.path.join(fov_out, f"{case_id}.png"),
+                )
+            )
+        record[split] = {
+            "images": images_out,
+            "labels": labels_out if labelled else None,
+            "fov": fov_out,
+            "cases": split_ids,
+        }
     return cases, record, problems
 
 
@@ -95,8 +105,13 @@ def convert_case(case: tuple, output_dir: str, fov_mode: str) -> list[Problem]:
     if image is not None:
         for path, mask in ((fov_path, fov), (manual_path, manual)):
             if mask is not None and mask.shape != (image.height, image.width):
-                problems.append(Problem(path, f"size {mask.shape[1]}x{mask.shape[0]} differs from image size "
-                                              f"{image.width}x{image.height} ({image_path})"))
+                problems.append(
+                    Problem(
+                        path,
+                        f"size {mask.shape[1]}x{mask.shape[0]} differs from image size "
+                        f"{image.width}x{image.height} ({image_path})",
+                    )
+                )
     if fov is not None and not fov.any():
         problems.append(Problem(fov_path, "FOV mask is empty (no pixel >= 128)"))
     if problems:
@@ -111,8 +126,15 @@ def convert_case(case: tuple, output_dir: str, fov_mode: str) -> list[Problem]:
     return []
 
 
-def convert_drive(input_dir: str, output_root: str, dataset_id: int, name: str = "DRIVE", overwrite: bool = False,
-                  num_workers: int = 1, fov_mode: str = "plain") -> str:
+def convert_drive(
+    input_dir: str,
+    output_root: str,
+    dataset_id: int,
+    name: str = "DRIVE",
+    overwrite: bool = False,
+    num_workers: int = 1,
+    fov_mode: str = "plain",
+) -> str:
     """Convert a DRIVE release folder (with training/ and test/); returns the new dataset folder."""
     if fov_mode not in FOV_MODES:
         raise HyMUNetError(f"--fov-mode must be one of {', '.join(FOV_MODES)}, got {fov_mode!r}")
@@ -127,10 +149,18 @@ def convert_drive(input_dir: str, output_root: str, dataset_id: int, name: str =
         if fov_mode == "ignore":
             labels["ignore"] = 2
         write_dataset_json(
-            temp, {"0": "R", "1": "G", "2": "B"}, labels, len(record["training"]["cases"]), ".png",
-            dataset_name=atomic.folder_name, description=f"DRIVE retinal vessel segmentation (fov mode: {fov_mode})",
-            reference="https://drive.grand-challenge.org/", license="see the DRIVE release terms",
-            converted_by="hymunet convert drive", fov_mode=fov_mode,
-            fov_folders={"train": "fovTr", "test": "fovTs"})
+            temp,
+            {"0": "R", "1": "G", "2": "B"},
+            labels,
+            len(record["training"]["cases"]),
+            ".png",
+            dataset_name=atomic.folder_name,
+            description=f"DRIVE retinal vessel segmentation (fov mode: {fov_mode})",
+            reference="https://drive.grand-challenge.org/",
+            license="see the DRIVE release terms",
+            converted_by="hymunet convert drive",
+            fov_mode=fov_mode,
+            fov_folders={"train": "fovTr", "test": "fovTs"},
+        )
         write_source_record(temp, "drive", input_dir, record, fov_mode=fov_mode)
     return atomic.target

@@ -37,17 +37,25 @@ def _write_notices(folder: str) -> None:
             f.write(FAKE_NOTICE)
 
 
-def make_fake_isic2018(out_dir: str, num_cases: int = 10, seed: int = 0, image_size: int = 128,
-                       num_validation: int | None = None, num_test: int | None = None) -> str:
+def make_fake_isic2018(
+    out_dir: str,
+    num_cases: int = 10,
+    seed: int = 0,
+    image_size: int = 128,
+    num_validation: int | None = None,
+    num_test: int | None = None,
+) -> str:
     """Training, Validation and Test folders with ground truth; images are landscape, heights in [0.75, 1] x size."""
     if num_cases < 1 or not 16 <= image_size <= 4096:
         raise HyMUNetError("make-fake isic2018 needs --num-cases >= 1 and --image-size in 16..4096")
     _check_seed(seed)
     _prepare_empty_folder(out_dir)
     rng = np.random.default_rng(seed)
-    counts = {"Training": num_cases,
-              "Validation": max(1, num_cases // 5) if num_validation is None else num_validation,
-              "Test": max(1, num_cases // 5) if num_test is None else num_test}
+    counts = {
+        "Training": num_cases,
+        "Validation": max(1, num_cases // 5) if num_validation is None else num_validation,
+        "Test": max(1, num_cases // 5) if num_test is None else num_test,
+    }
     ids = np.sort(rng.choice(10**7, size=sum(counts.values()), replace=False))
     order = rng.permutation(len(ids))  # ISIC ids are not grouped by split
     start = 0
@@ -59,14 +67,15 @@ def make_fake_isic2018(out_dir: str, num_cases: int = 10, seed: int = 0, image_s
         for folder in (image_dir, truth_dir):
             os.makedirs(folder)
             _write_notices(folder)
-        for index in order[start:start + count]:
+        for index in order[start : start + count]:
             height = int(rng.integers(int(0.75 * image_size), image_size + 1))
             width = int(round(height * rng.uniform(1.2, 1.5)))
             rgb, mask = make_isic_like_case(rng, height, width)
             case_id = f"ISIC_{ids[index]:07d}"
             Image.fromarray(rgb).save(os.path.join(image_dir, f"{case_id}.jpg"), quality=95)
             Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).save(
-                os.path.join(truth_dir, f"{case_id}_segmentation.png"))
+                os.path.join(truth_dir, f"{case_id}_segmentation.png")
+            )
         start += count
     return out_dir
 
@@ -108,12 +117,14 @@ def _save_gif(mask: np.ndarray, path: str) -> None:
     Image.fromarray(mask.astype(np.uint8) * np.uint8(255), mode="L").save(path)
 
 
-def make_fake_drive(out_dir: str, num_cases: int = 20, seed: int = 0, scale: float = 1.0,
-                    with_test_manual: bool = False) -> str:
+def make_fake_drive(
+    out_dir: str, num_cases: int = 20, seed: int = 0, scale: float = 1.0, with_test_manual: bool = False
+) -> str:
     """training/ (ids 21..) and test/ (ids 01..) like the current download: test/1st_manual only when asked for."""
     if not 1 <= num_cases <= 20:
-        raise HyMUNetError(f"make-fake drive: --num-cases must be 1..20 per split (DRIVE numbers its images 01-40), "
-                           f"got {num_cases}")
+        raise HyMUNetError(
+            f"make-fake drive: --num-cases must be 1..20 per split (DRIVE numbers its images 01-40), got {num_cases}"
+        )
     if not (math.isfinite(scale) and 0 < scale <= 4):
         raise HyMUNetError(f"make-fake drive: --scale must be in (0, 4], got {scale}")
     _check_seed(seed)
@@ -139,10 +150,22 @@ def make_fake_drive(out_dir: str, num_cases: int = 20, seed: int = 0, scale: flo
 
 # release -> (training folder, validation folder, case id format, modality suffixes, separator, tumour labels)
 _BRATS_LAYOUTS = {
-    "2021": ("BraTS2021_Training_Data", "BraTS2021_Validation_Data", "BraTS2021_{:05d}",
-             ("t1", "t1ce", "t2", "flair"), "_", {"ncr": 1, "ed": 2, "et": 4}),
-    "2023": ("ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData", "ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData",
-             "BraTS-GLI-{:05d}-000", ("t1n", "t1c", "t2w", "t2f"), "-", {"ncr": 1, "ed": 2, "et": 3}),
+    "2021": (
+        "BraTS2021_Training_Data",
+        "BraTS2021_Validation_Data",
+        "BraTS2021_{:05d}",
+        ("t1", "t1ce", "t2", "flair"),
+        "_",
+        {"ncr": 1, "ed": 2, "et": 4},
+    ),
+    "2023": (
+        "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData",
+        "ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData",
+        "BraTS-GLI-{:05d}-000",
+        ("t1n", "t1c", "t2w", "t2f"),
+        "-",
+        {"ncr": 1, "ed": 2, "et": 3},
+    ),
 }
 
 
@@ -172,8 +195,14 @@ def _brats_case(rng: np.random.Generator, shape: tuple[int, int, int], labels: d
     return volumes, seg
 
 
-def make_fake_brats(out_dir: str, release: str = "2021", num_cases: int = 4, seed: int = 0,
-                    shape: tuple[int, int, int] = (40, 48, 36), num_unlabelled: int = 1) -> str:
+def make_fake_brats(
+    out_dir: str,
+    release: str = "2021",
+    num_cases: int = 4,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (40, 48, 36),
+    num_unlabelled: int = 1,
+) -> str:
     """Labelled cases in the training folder and `num_unlabelled` cases without seg in the validation folder."""
     import nibabel
 

@@ -48,8 +48,9 @@ def read_single_channel(path: str) -> np.ndarray:
         elif image.mode == "1":
             return np.asarray(image, dtype=np.uint8) * np.uint8(255)
         elif image.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
-            raise ValueError(f"expected a single-channel image, got mode {image.mode} with {len(image.getbands())} "
-                             f"channels")
+            raise ValueError(
+                f"expected a single-channel image, got mode {image.mode} with {len(image.getbands())} channels"
+            )
         return np.asarray(image)
 
 

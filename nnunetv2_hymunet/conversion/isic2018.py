@@ -35,8 +35,13 @@ from nnunetv2_hymunet.fs_safety import StagedFile
 # (split, image folder, ground-truth folder, nnU-Net image folder, nnU-Net label folder)
 RELEASE_SPLITS = (
     ("training", "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth", "imagesTr", "labelsTr"),
-    ("validation", "ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth",
-     "imagesTs", "labelsTs"),
+    (
+        "validation",
+        "ISIC2018_Task1-2_Validation_Input",
+        "ISIC2018_Task1_Validation_GroundTruth",
+        "imagesTs",
+        "labelsTs",
+    ),
     ("test", "ISIC2018_Task1-2_Test_Input", "ISIC2018_Task1_Test_GroundTruth", "imagesTs", "labelsTs"),
 )
 IMAGE_PATTERN = re.compile(r"^(ISIC_\d{7})\.jpg$")
@@ -78,8 +83,9 @@ def find_cases(input_dir: str) -> tuple[list[tuple], dict, list[Problem]]:
                 continue
             split_ids.append(case_id)
             label_out = os.path.join(labels_out, f"{case_id}.png") if labelled else None
-            cases.append((images[case_id], masks.get(case_id), os.path.join(images_out, f"{case_id}_0000.png"),
-                          label_out))
+            cases.append(
+                (images[case_id], masks.get(case_id), os.path.join(images_out, f"{case_id}_0000.png"), label_out)
+            )
         record[split] = {"images": images_out, "labels": labels_out if labelled else None, "cases": split_ids}
     return cases, record, problems
 
@@ -104,8 +110,13 @@ def convert_case(case: tuple, output_dir: str) -> list[Problem]:
             if unexpected:
                 problems.append(Problem(mask_path, f"mask values must be 0 and 255, found also {unexpected[:10]}"))
             if image is not None and mask.shape != (image.height, image.width):
-                problems.append(Problem(mask_path, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
-                                                   f"size {image.width}x{image.height} ({image_path})"))
+                problems.append(
+                    Problem(
+                        mask_path,
+                        f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                        f"size {image.width}x{image.height} ({image_path})",
+                    )
+                )
     if problems:
         return problems
     save_png(image, os.path.join(output_dir, image_out))
@@ -114,16 +125,24 @@ def convert_case(case: tuple, output_dir: str) -> list[Problem]:
     return []
 
 
-def convert_isic2018(input_dir: str, output_root: str, dataset_id: int, name: str = "ISIC2018",
-                     overwrite: bool = False, num_workers: int = 1, split_file: str | None = None) -> str:
+def convert_isic2018(
+    input_dir: str,
+    output_root: str,
+    dataset_id: int,
+    name: str = "ISIC2018",
+    overwrite: bool = False,
+    num_workers: int = 1,
+    split_file: str | None = None,
+) -> str:
     """Convert the ISIC 2018 Task 1 release folders under `input_dir`; returns the new dataset folder."""
     cases, record, problems = find_cases(input_dir)
     training_ids = record.get("training", {}).get("cases", [])
     folds = None
     if split_file is not None and not problems:
         folds = read_split_file(split_file, training_ids, id_prefix="ISIC_")
-    atomic = AtomicDatasetFolder(output_root, dataset_id, name, overwrite,
-                                 inputs={"--input": input_dir, "--split-file": split_file})
+    atomic = AtomicDatasetFolder(
+        output_root, dataset_id, name, overwrite, inputs={"--input": input_dir, "--split-file": split_file}
+    )
     splits_path, in_preprocessed = splits_destination(atomic.folder_name, atomic.target)
     if folds is not None and in_preprocessed and os.path.isfile(splits_path) and not overwrite:
         raise HyMUNetError(f"{splits_path} already exists; pass --overwrite to replace it")
@@ -131,8 +150,11 @@ def convert_isic2018(input_dir: str, output_root: str, dataset_id: int, name: st
     # both or neither: the splits file is written (under a temporary name) before the dataset is committed, so an
     # unwritable $nnUNet_preprocessed stops the run before anything is in place
     splits_json = json.dumps(folds, indent=4).encode() if folds is not None else None
-    staged = StagedFile(splits_path, splits_json, "--split-file (written to $nnUNet_preprocessed)") \
-        if splits_json is not None and in_preprocessed else None
+    staged = (
+        StagedFile(splits_path, splits_json, "--split-file (written to $nnUNet_preprocessed)")
+        if splits_json is not None and in_preprocessed
+        else None
+    )
     if staged is not None:
         atomic.after_commit.append(staged.commit)
     try:
@@ -142,11 +164,17 @@ def convert_isic2018(input_dir: str, output_root: str, dataset_id: int, name: st
             results = map_cases(partial(convert_case, output_dir=temp), cases, num_workers, "ISIC 2018")
             raise_if_problems(problems + [p for r in results for p in r], f"the ISIC 2018 input {input_dir}")
             write_dataset_json(
-                temp, {"0": "R", "1": "G", "2": "B"}, {"background": 0, "lesion": 1}, len(training_ids), ".png",
-                dataset_name=atomic.folder_name, description="ISIC 2018 Task 1 lesion boundary segmentation",
+                temp,
+                {"0": "R", "1": "G", "2": "B"},
+                {"background": 0, "lesion": 1},
+                len(training_ids),
+                ".png",
+                dataset_name=atomic.folder_name,
+                description="ISIC 2018 Task 1 lesion boundary segmentation",
                 reference="https://challenge.isic-archive.com/landing/2018/45/",
                 license="CC BY-NC 4.0 (ISIC archive); check the terms of your download",
-                converted_by="hymunet convert isic2018")
+                converted_by="hymunet convert isic2018",
+            )
             write_source_record(temp, "isic2018", input_dir, record)
             if splits_json is not None and not in_preprocessed:
                 with open(os.path.join(temp, "splits_final.json"), "wb") as f:
@@ -159,6 +187,8 @@ def convert_isic2018(input_dir: str, output_root: str, dataset_id: int, name: st
         if in_preprocessed:
             print(f"wrote {len(folds)} fixed folds to {splits_path}")
         else:
-            print(f"wrote {len(folds)} fixed folds to {splits_path}; nnUNet_preprocessed is not set, so copy it to "
-                  f"$nnUNet_preprocessed/{atomic.folder_name}/splits_final.json before training")
+            print(
+                f"wrote {len(folds)} fixed folds to {splits_path}; nnUNet_preprocessed is not set, so copy it to "
+                f"$nnUNet_preprocessed/{atomic.folder_name}/splits_final.json before training"
+            )
     return atomic.target

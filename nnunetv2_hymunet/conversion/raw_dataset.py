@@ -63,8 +63,15 @@ class AtomicDatasetFolder(AtomicFolder):
     SIGTERM) removes the temporary folder, and the root too when this run created it.
     """
 
-    def __init__(self, root: str, dataset_id: int, name: str, overwrite: bool, inputs: dict | None = None,
-                 command: str = "convert"):
+    def __init__(
+        self,
+        root: str,
+        dataset_id: int,
+        name: str,
+        overwrite: bool,
+        inputs: dict | None = None,
+        command: str = "convert",
+    ):
         self.root = root
         self.folder_name = dataset_folder_name(dataset_id, name)
         if os.path.isdir(root):
@@ -81,16 +88,33 @@ class AtomicDatasetFolder(AtomicFolder):
         self.existing = existing
 
 
-def write_dataset_json(folder: str, channel_names: dict, labels: dict, num_training: int, file_ending: str,
-                       regions_class_order=None, **extra) -> None:
+def write_dataset_json(
+    folder: str,
+    channel_names: dict,
+    labels: dict,
+    num_training: int,
+    file_ending: str,
+    regions_class_order=None,
+    **extra,
+) -> None:
     """dataset.json through nnU-Net's own generator (keeps the label key order, which regions depend on)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    generate_dataset_json(folder, dict(channel_names), dict(labels), num_training, file_ending,
-                          regions_class_order=regions_class_order, **extra)
+    generate_dataset_json(
+        folder,
+        dict(channel_names),
+        dict(labels),
+        num_training,
+        file_ending,
+        regions_class_order=regions_class_order,
+        **extra,
+    )
 
 
 def write_source_record(folder: str, converter: str, input_dir: str, splits: dict, **options) -> None:
     """`source_splits.json`: which original split (and file) every converted case came from."""
-    save_json({"converter": converter, "input": os.path.abspath(input_dir), "options": options, "splits": splits},
-              os.path.join(folder, "source_splits.json"), sort_keys=False)
+    save_json(
+        {"converter": converter, "input": os.path.abspath(input_dir), "options": options, "splits": splits},
+        os.path.join(folder, "source_splits.json"),
+        sort_keys=False,
+    )

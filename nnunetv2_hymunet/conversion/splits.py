@@ -73,9 +73,10 @@ def _folds_from_json(path: str, id_prefix: str | None) -> tuple[list[dict], list
         isinstance(fold, dict) and isinstance(fold.get("train"), list) and isinstance(fold.get("val"), list)
         for fold in content
     ):
-        raise HyMUNetError(f"--split-file {path}: expected a JSON list of {{\"train\": [...], \"val\": [...]}} folds")
-    folds = [{key: [_normalise_id(str(i), id_prefix) for i in fold[key]] for key in ("train", "val")}
-             for fold in content]
+        raise HyMUNetError(f'--split-file {path}: expected a JSON list of {{"train": [...], "val": [...]}} folds')
+    folds = [
+        {key: [_normalise_id(str(i), id_prefix) for i in fold[key]] for key in ("train", "val")} for fold in content
+    ]
     return folds, []
 
 
@@ -91,15 +92,17 @@ def read_split_file(path: str, training_ids: list[str], id_prefix: str | None = 
         for index, fold in enumerate(folds):
             train, val = set(fold["train"]), set(fold["val"])
             if train & val:
-                problems.append(f"fold {index}: {len(train & val)} case(s) in both train and val, "
-                                f"e.g. {sorted(train & val)[0]}")
+                problems.append(
+                    f"fold {index}: {len(train & val)} case(s) in both train and val, e.g. {sorted(train & val)[0]}"
+                )
             if (train | val) != known:
                 missing, unknown = known - train - val, (train | val) - known
                 if missing:
                     problems.append(f"fold {index}: {len(missing)} training case(s) missing, e.g. {sorted(missing)[0]}")
                 if unknown:
-                    problems.append(f"fold {index}: {len(unknown)} id(s) not among the training cases, "
-                                    f"e.g. {sorted(unknown)[0]}")
+                    problems.append(
+                        f"fold {index}: {len(unknown)} id(s) not among the training cases, e.g. {sorted(unknown)[0]}"
+                    )
         val_counts: dict[str, int] = {}
         for fold in folds:
             for case_id in fold["val"]:
@@ -118,13 +121,19 @@ def read_split_file(path: str, training_ids: list[str], id_prefix: str | None = 
         fold_numbers = sorted(set(assignment.values()))
         if fold_numbers and fold_numbers != list(range(len(fold_numbers))):
             problems.append(f"folds must be numbered 0..K-1 without gaps, got {fold_numbers}")
-        folds = [{"train": sorted(i for i, f in assignment.items() if f != k),
-                  "val": sorted(i for i, f in assignment.items() if f == k)} for k in fold_numbers]
+        folds = [
+            {
+                "train": sorted(i for i, f in assignment.items() if f != k),
+                "val": sorted(i for i, f in assignment.items() if f == k),
+            }
+            for k in fold_numbers
+        ]
     if not problems and len(folds) < 2:
         problems.append(f"need at least 2 folds, got {len(folds)}")
     if problems:
-        raise HyMUNetError(f"--split-file {path} does not match the training cases:\n" +
-                           "\n".join(f"  {p}" for p in problems))
+        raise HyMUNetError(
+            f"--split-file {path} does not match the training cases:\n" + "\n".join(f"  {p}" for p in problems)
+        )
     return [{"train": sorted(fold["train"]), "val": sorted(fold["val"])} for fold in folds]
 
 

@@ -40,8 +40,10 @@ def geometry_of(properties: dict) -> dict | None:
     geometry (PNG/BMP/TIF)."""
     if "sitk_stuff" in properties:
         stuff = properties["sitk_stuff"]
-        return {"origin": np.asarray(stuff["origin"], dtype=np.float64),
-                "direction": np.asarray(stuff["direction"], dtype=np.float64)}
+        return {
+            "origin": np.asarray(stuff["origin"], dtype=np.float64),
+            "direction": np.asarray(stuff["direction"], dtype=np.float64),
+        }
     if "nibabel_stuff" in properties:
         affine = np.asarray(properties["nibabel_stuff"]["original_affine"], dtype=np.float64)
         linear = affine[:3, :3]
@@ -61,14 +63,22 @@ def grid_mismatch(ref: tuple, other: tuple) -> str | None:
     if ref_geometry is None or geometry is None:
         return None
     origin_tolerance = ORIGIN_TOLERANCE_VOXELS * min(ref_spacing)
-    if ref_geometry["origin"].shape != geometry["origin"].shape or np.max(
-            np.abs(ref_geometry["origin"] - geometry["origin"])) > origin_tolerance:
-        return (f"origin {np.round(geometry['origin'], 4).tolist()} differs from the reference's "
-                f"{np.round(ref_geometry['origin'], 4).tolist()} (tolerance {origin_tolerance:g})")
-    if ref_geometry["direction"].shape != geometry["direction"].shape or np.max(
-            np.abs(ref_geometry["direction"] - geometry["direction"])) > DIRECTION_ATOL:
-        return (f"direction {np.round(geometry['direction'], 4).tolist()} differs from the reference's "
-                f"{np.round(ref_geometry['direction'], 4).tolist()}")
+    if (
+        ref_geometry["origin"].shape != geometry["origin"].shape
+        or np.max(np.abs(ref_geometry["origin"] - geometry["origin"])) > origin_tolerance
+    ):
+        return (
+            f"origin {np.round(geometry['origin'], 4).tolist()} differs from the reference's "
+            f"{np.round(ref_geometry['origin'], 4).tolist()} (tolerance {origin_tolerance:g})"
+        )
+    if (
+        ref_geometry["direction"].shape != geometry["direction"].shape
+        or np.max(np.abs(ref_geometry["direction"] - geometry["direction"])) > DIRECTION_ATOL
+    ):
+        return (
+            f"direction {np.round(geometry['direction'], 4).tolist()} differs from the reference's "
+            f"{np.round(ref_geometry['direction'], 4).tolist()}"
+        )
     return None
 
 
@@ -82,18 +92,23 @@ def check_scoring_mask(valid: np.ndarray | None, case: str, fov_file: str | None
     if valid is None or valid.any():
         return
     if fov_file is not None:
-        raise HyMUNetError(f"case {case}: the field-of-view mask {fov_file} selects no voxel (or only voxels with "
-                           f"the ignore label); nothing would be scored")
-    raise HyMUNetError(f"case {case}: every reference voxel has the ignore label {ignore_label}; nothing would be "
-                       "scored")
+        raise HyMUNetError(
+            f"case {case}: the field-of-view mask {fov_file} selects no voxel (or only voxels with "
+            f"the ignore label); nothing would be scored"
+        )
+    raise HyMUNetError(
+        f"case {case}: every reference voxel has the ignore label {ignore_label}; nothing would be scored"
+    )
 
 
 def check_probabilities(probabilities: np.ndarray, case: str, npz_file: str) -> None:
     finite = np.isfinite(probabilities)
     if not finite.all():
-        raise HyMUNetError(f"case {case}: {npz_file} holds {int(finite.size - np.count_nonzero(finite))} NaN or "
-                           "infinite probabilities")
+        raise HyMUNetError(
+            f"case {case}: {npz_file} holds {int(finite.size - np.count_nonzero(finite))} NaN or infinite probabilities"
+        )
     low, high = float(probabilities.min()), float(probabilities.max())
     if low < -PROBABILITY_SLACK or high > 1 + PROBABILITY_SLACK:
-        raise HyMUNetError(f"case {case}: {npz_file} holds values in [{low:g}, {high:g}], not probabilities in "
-                           "[0, 1] (logits?)")
+        raise HyMUNetError(
+            f"case {case}: {npz_file} holds values in [{low:g}, {high:g}], not probabilities in [0, 1] (logits?)"
+        )

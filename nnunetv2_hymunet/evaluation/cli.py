@@ -48,8 +48,9 @@ def run_evaluate(args) -> int:
 def run_compare(args) -> int:
     from nnunetv2_hymunet.evaluation.compare import compare_runs
 
-    result = compare_runs(args.runs, args.output, overlays=args.overlays, metrics=args.metrics,
-                          common_cases=args.common_cases)
+    result = compare_runs(
+        args.runs, args.output, overlays=args.overlays, metrics=args.metrics, common_cases=args.common_cases
+    )
     for metric, reason in result["not_comparable"].items():
         print(f"hymunet compare: warning: {metric} is not comparable ({reason}); no p-value for it", file=sys.stderr)
     for note in result["notes"]:
@@ -67,12 +68,17 @@ def add_subparsers(subparsers) -> None:
         "Distances use the spacing stored in the files (2D PNG/BMP/TIF: pixels, reported as 'px').",
     )
     # positional REF_FOLDER PRED_FOLDER, -djfile, -o, -np: the order and spellings of nnUNetv2_evaluate_folder
-    p.add_argument("ref", metavar="REF_FOLDER",
-                   help="folder of reference segmentations (e.g. nnUNet_raw/DatasetX/labelsTs)")
+    p.add_argument(
+        "ref", metavar="REF_FOLDER", help="folder of reference segmentations (e.g. nnUNet_raw/DatasetX/labelsTs)"
+    )
     p.add_argument("pred", metavar="PRED_FOLDER", help="folder of predictions with the same file names")
-    p.add_argument("-o", "--output", required=True,
-                   help="output folder (created; in an existing folder only files hymunet wrote are replaced; it must "
-                   "not be or contain an input)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output folder (created; in an existing folder only files hymunet wrote are replaced; it must "
+        "not be or contain an input)",
+    )
     p.add_argument(
         "-djfile",
         "--dataset-json",
@@ -127,9 +133,12 @@ def add_subparsers(subparsers) -> None:
     )
     npz.add_argument("--no-npz", dest="npz", action="store_false", help="ignore CASE.npz probabilities")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="parallel processes over cases (default 1)")
-    p.add_argument("--ignore-geometry", action="store_true",
-                   help="score predictions / FOV masks whose origin or direction differs from the reference's as if "
-                   "aligned (a warning per case; default: an error). Shape and spacing must always match")
+    p.add_argument(
+        "--ignore-geometry",
+        action="store_true",
+        help="score predictions / FOV masks whose origin or direction differs from the reference's as if "
+        "aligned (a warning per case; default: an error). Shape and spacing must always match",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 
@@ -153,7 +162,10 @@ def add_subparsers(subparsers) -> None:
         "(lowest mean Dice) of each run (reads the files recorded in metrics.json)",
     )
     c.add_argument("--metrics", nargs="+", help="metrics to compare (default: all evaluated in every run)")
-    c.add_argument("--common-cases", action="store_true",
-                   help="runs that evaluated different cases are refused; with this flag tables and tests use only "
-                   "the cases every run evaluated")
+    c.add_argument(
+        "--common-cases",
+        action="store_true",
+        help="runs that evaluated different cases are refused; with this flag tables and tests use only "
+        "the cases every run evaluated",
+    )
     c.set_defaults(func=run_compare)

@@ -55,8 +55,15 @@ def _schema_problem(run) -> str | None:
         return "the top level is not an object"
     if run.get("schema_version") != SCHEMA_VERSION:
         return f"schema_version {run.get('schema_version')!r}, expected {SCHEMA_VERSION}"
-    expected = {"units": str, "labels": list, "metrics": list, "per_case": list, "per_label": dict, "pooled": dict,
-                "policy": dict}
+    expected = {
+        "units": str,
+        "labels": list,
+        "metrics": list,
+        "per_case": list,
+        "per_label": dict,
+        "pooled": dict,
+        "policy": dict,
+    }
     for key, kind in expected.items():
         if not isinstance(run.get(key), kind):
             return f"'{key}' missing or not a {kind.__name__}"
@@ -64,8 +71,11 @@ def _schema_problem(run) -> str | None:
         return "'metrics' must list metric names"
     names = []
     for label in run["labels"]:
-        if not isinstance(label, dict) or not isinstance(label.get("name"), str) or not isinstance(
-                label.get("values"), list):
+        if (
+            not isinstance(label, dict)
+            or not isinstance(label.get("name"), str)
+            or not isinstance(label.get("values"), list)
+        ):
             return "every entry of 'labels' needs a name and values"
         names.append(label["name"])
         if label["name"] not in run["per_label"] or label["name"] not in run["pooled"]:
@@ -74,8 +84,11 @@ def _schema_problem(run) -> str | None:
             return f"per_label[{label['name']!r}] lacks some of the metrics"
     seen = set()
     for record in run["per_case"]:
-        if not isinstance(record, dict) or not isinstance(record.get("case"), str) or not isinstance(
-                record.get("metrics"), dict):
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("case"), str)
+            or not isinstance(record.get("metrics"), dict)
+        ):
             return "every per_case entry needs a case id and metrics"
         if record["case"] in seen:
             return f"case {record['case']!r} appears twice"
@@ -193,8 +206,9 @@ def _policy_text(run: dict, keys) -> str:
     return ", ".join(f"{k}={run['policy'].get(k)}" for k in keys)
 
 
-def comparability(names: list[str], runs: list[dict], labels: list[str], metrics: list[str],
-                  common_cases: bool) -> dict:
+def comparability(
+    names: list[str], runs: list[dict], labels: list[str], metrics: list[str], common_cases: bool
+) -> dict:
     """Refuse (HyMUNetError) what makes the runs incomparable as a whole; return {"not_comparable": {metric: reason},
     "notes": [...]} for what makes single metrics incomparable, and informational notes."""
     first_name, first = names[0], runs[0]
@@ -203,26 +217,40 @@ def comparability(names: list[str], runs: list[dict], labels: list[str], metrics
         pair = f"{first_name} and {name}"
         for key, what in (("fov", "a field-of-view restriction"), ("ignore_label", "an ignore label")):
             if first["policy"].get(key) != run["policy"].get(key):
-                raise HyMUNetError(f"runs {pair} differ in {what} ({first['policy'].get(key)} vs "
-                                   f"{run['policy'].get(key)}): they scored different voxels; not comparable")
+                raise HyMUNetError(
+                    f"runs {pair} differ in {what} ({first['policy'].get(key)} vs "
+                    f"{run['policy'].get(key)}): they scored different voxels; not comparable"
+                )
         values = {lab["name"]: lab["values"] for lab in first["labels"]}
         for lab in run["labels"]:
             if lab["name"] in labels and values.get(lab["name"]) != lab["values"]:
-                raise HyMUNetError(f"runs {pair}: label {lab['name']!r} means values {values.get(lab['name'])} in "
-                                   f"one and {lab['values']} in the other; not comparable")
+                raise HyMUNetError(
+                    f"runs {pair}: label {lab['name']!r} means values {values.get(lab['name'])} in "
+                    f"one and {lab['values']} in the other; not comparable"
+                )
         cases_a = {c["case"] for c in first["per_case"]}
         cases_b = {c["case"] for c in run["per_case"]}
         if cases_a != cases_b:
             only_a, only_b = sorted(cases_a - cases_b), sorted(cases_b - cases_a)
-            detail = "; ".join(part for part in (
-                f"only in {first_name}: {', '.join(only_a[:5])}{' ...' if len(only_a) > 5 else ''}" if only_a else "",
-                f"only in {name}: {', '.join(only_b[:5])}{' ...' if len(only_b) > 5 else ''}" if only_b else "")
-                if part)
+            detail = "; ".join(
+                part
+                for part in (
+                    f"only in {first_name}: {', '.join(only_a[:5])}{' ...' if len(only_a) > 5 else ''}"
+                    if only_a
+                    else "",
+                    f"only in {name}: {', '.join(only_b[:5])}{' ...' if len(only_b) > 5 else ''}" if only_b else "",
+                )
+                if part
+            )
             if not common_cases:
-                raise HyMUNetError(f"runs {pair} evaluated different cases ({detail}); their means are not "
-                                   "comparable. Pass --common-cases to compare on the cases both have")
-            notes.append(f"{pair} evaluated different cases ({detail}); everything is computed on the "
-                         f"{len(cases_a & cases_b)} shared case(s) (--common-cases)")
+                raise HyMUNetError(
+                    f"runs {pair} evaluated different cases ({detail}); their means are not "
+                    "comparable. Pass --common-cases to compare on the cases both have"
+                )
+            notes.append(
+                f"{pair} evaluated different cases ({detail}); everything is computed on the "
+                f"{len(cases_a & cases_b)} shared case(s) (--common-cases)"
+            )
             if not cases_a & cases_b:
                 raise HyMUNetError(f"runs {pair} share no case")
         by_case = {c["case"]: c for c in run["per_case"]}
@@ -231,32 +259,43 @@ def comparability(names: list[str], runs: list[dict], labels: list[str], metrics
             if other is None:
                 continue
             if record.get("shape") != other.get("shape"):
-                raise HyMUNetError(f"runs {pair} were scored against different references: case {record['case']} "
-                                   f"has shape {record.get('shape')} in one and {other.get('shape')} in the other")
+                raise HyMUNetError(
+                    f"runs {pair} were scored against different references: case {record['case']} "
+                    f"has shape {record.get('shape')} in one and {other.get('shape')} in the other"
+                )
             for label in labels:
                 a, b = record["metrics"][label], other["metrics"][label]
                 if a["tp"] + a["fn"] != b["tp"] + b["fn"]:
                     raise HyMUNetError(
                         f"runs {pair} were scored against different references: case {record['case']}, label "
                         f"{label!r} has {a['tp'] + a['fn']} reference voxels in {first_name} and "
-                        f"{b['tp'] + b['fn']} in {name} (references {first.get('ref_dir')} vs {run.get('ref_dir')})")
+                        f"{b['tp'] + b['fn']} in {name} (references {first.get('ref_dir')} vs {run.get('ref_dir')})"
+                    )
             if record.get("spacing") != other.get("spacing"):
                 for m in DISTANCE_METRICS:
-                    not_comparable.setdefault(m, f"case {record['case']} was measured with spacing "
-                                                 f"{record.get('spacing')} in {first_name} and "
-                                                 f"{other.get('spacing')} in {name}")
+                    not_comparable.setdefault(
+                        m,
+                        f"case {record['case']} was measured with spacing "
+                        f"{record.get('spacing')} in {first_name} and "
+                        f"{other.get('spacing')} in {name}",
+                    )
         if first.get("ref_dir") != run.get("ref_dir"):
-            notes.append(f"{pair} read their references from different folders ({first.get('ref_dir')}, "
-                         f"{run.get('ref_dir')}); they hold the same number of reference voxels per case and label")
+            notes.append(
+                f"{pair} read their references from different folders ({first.get('ref_dir')}, "
+                f"{run.get('ref_dir')}); they hold the same number of reference voxels per case and label"
+            )
         for keys, affected, what in (
-                (("hd95_method", "percentile"), ("hd95",), "HD95 definitions"),
-                (("one_empty_distance",), DISTANCE_METRICS, "distances for one empty mask"),
-                (("both_empty_overlap",), ("dice", "iou", "precision", "recall"), "overlap scores for both-empty "
-                                                                                 "cases")):
+            (("hd95_method", "percentile"), ("hd95",), "HD95 definitions"),
+            (("one_empty_distance",), DISTANCE_METRICS, "distances for one empty mask"),
+            (("both_empty_overlap",), ("dice", "iou", "precision", "recall"), "overlap scores for both-empty cases"),
+        ):
             if _policy_text(first, keys) != _policy_text(run, keys):
                 for m in affected:
-                    not_comparable.setdefault(m, f"different {what} ({first_name}: {_policy_text(first, keys)}; "
-                                                 f"{name}: {_policy_text(run, keys)})")
+                    not_comparable.setdefault(
+                        m,
+                        f"different {what} ({first_name}: {_policy_text(first, keys)}; "
+                        f"{name}: {_policy_text(run, keys)})",
+                    )
     return {"not_comparable": {m: r for m, r in not_comparable.items() if m in metrics}, "notes": notes}
 
 
@@ -274,8 +313,9 @@ def _restricted(run: dict, cases: set, labels: list[str], metrics: list[str]) ->
     return {**run, "per_case": per_case, "per_label": summary["per_label"], "pooled": summary["pooled"]}
 
 
-def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: list[str] | None = None,
-                 common_cases: bool = False) -> dict:
+def compare_runs(
+    run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: list[str] | None = None, common_cases: bool = False
+) -> dict:
     """Compare evaluate output folders; write OUT (see module docstring) and return comparison.json's content.
 
     Runs that scored different voxels, different references or (without common_cases) different cases are refused;
@@ -335,8 +375,11 @@ def compare_runs(run_dirs: list[str], out_dir: str, overlays: int = 0, metrics: 
                 b = np.array([values_b[c] for c in cases], dtype=np.float64)
                 test = {"label": label, "metric": metric, "run_a": name_a, "run_b": name_b, **paired_test(a, b)}
                 if metric in checks["not_comparable"]:
-                    test.update(statistic=float("nan"), p_value=float("nan"),
-                                note=f"not comparable: {checks['not_comparable'][metric]}")
+                    test.update(
+                        statistic=float("nan"),
+                        p_value=float("nan"),
+                        note=f"not comparable: {checks['not_comparable'][metric]}",
+                    )
                 tests.append(test)
 
     result = {

@@ -152,8 +152,10 @@ def _read(reader, path: str, case: str, what: str):
     except Exception as e:  # any reader failure is the user's file, not our bug
         raise HyMUNetError(f"case {case}: cannot read {what} {path}: {type(e).__name__}: {e}") from None
     if seg.shape[0] != 1:
-        raise HyMUNetError(f"case {case}: {what} {path} has {seg.shape[0]} channels (an RGB image?); expected a "
-                           "single-channel label map")
+        raise HyMUNetError(
+            f"case {case}: {what} {path} has {seg.shape[0]} channels (an RGB image?); expected a "
+            "single-channel label map"
+        )
     spacing = check_spacing(properties["spacing"], f"case {case}: {what} {path}")
     return np.asarray(seg[0]), spacing, geometry_of(properties)
 
@@ -203,14 +205,17 @@ def evaluate_case(task: CaseTask) -> dict:
         for what, path, seg in (("reference", task.ref_file, ref), ("prediction", task.pred_file, pred)):
             unknown = undeclared_values(seg, task.declared_values)
             if unknown:
-                raise HyMUNetError(f"case {task.case}: {what} {path} holds value(s) {unknown} that --dataset-json does "
-                                   f"not declare (declared: {sorted(task.declared_values)}); e.g. a 0/255 mask "
-                                   "must be converted to 0/1 first")
+                raise HyMUNetError(
+                    f"case {task.case}: {what} {path} holds value(s) {unknown} that --dataset-json does "
+                    f"not declare (declared: {sorted(task.declared_values)}); e.g. a 0/255 mask "
+                    "must be converted to 0/1 first"
+                )
     valid = None
     if task.fov_file is not None:
         fov, fov_spacing, fov_geometry = _read(reader, task.fov_file, task.case, "field-of-view mask")
-        _check_same_grid(task, ref_grid, task.fov_file, (fov.shape, fov_spacing, fov_geometry), "field-of-view mask",
-                         warnings)
+        _check_same_grid(
+            task, ref_grid, task.fov_file, (fov.shape, fov_spacing, fov_geometry), "field-of-view mask", warnings
+        )
         valid = fov > 0
     if task.ignore_label is not None:
         not_ignored = ref != task.ignore_label
@@ -225,9 +230,11 @@ def evaluate_case(task: CaseTask) -> dict:
         if probabilities is not None:
             values |= set(range(1, probabilities.shape[0]))
         if len(values) > MAX_LABELS_WITHOUT_DATASET_JSON:
-            raise HyMUNetError(f"case {task.case}: {task.ref_file} and {task.pred_file} hold {len(values)} distinct "
-                               "values, which looks like an image rather than a label map; pass --dataset-json to "
-                               "name the labels if it really is one")
+            raise HyMUNetError(
+                f"case {task.case}: {task.ref_file} and {task.pred_file} hold {len(values)} distinct "
+                "values, which looks like an image rather than a label map; pass --dataset-json to "
+                "name the labels if it really is one"
+            )
         targets = targets_from_values(values - {task.ignore_label})
     spacing = _apply_spacing_override(ref_spacing, task.spacing)
     metrics, histograms = {}, {}
@@ -441,9 +448,11 @@ def evaluate_folders(
         targets = targets_from_values(int(name) for name in found)
         predicted_only = sorted({name for record in per_case for name in record["metrics"]} - found, key=int)
         if predicted_only:
-            warnings.append(f"value(s) {', '.join(predicted_only)} occur in predictions but in no reference, so they "
-                            "are not scored (without --dataset-json the labels are the values found in the "
-                            "references); pass --dataset-json to score every declared label")
+            warnings.append(
+                f"value(s) {', '.join(predicted_only)} occur in predictions but in no reference, so they "
+                "are not scored (without --dataset-json the labels are the values found in the "
+                "references); pass --dataset-json to score every declared label"
+            )
         for record in per_case:
             record["metrics"] = {
                 t.name: record["metrics"].get(t.name) or _both_empty_metrics(record["n_voxels"], policy, use_npz)

@@ -34,8 +34,10 @@ class Target:
 def _label_value(value, name: str, source: str) -> int:
     """A label value must be a non-negative integer (1.0 is accepted, 1.5 / "1" / true are not)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-        raise HyMUNetError(f"{source}: label {name!r} has value {value!r}; label values must be non-negative "
-                           "integers (a region is a list of them)")
+        raise HyMUNetError(
+            f"{source}: label {name!r} has value {value!r}; label values must be non-negative "
+            "integers (a region is a list of them)"
+        )
     return int(value)
 
 

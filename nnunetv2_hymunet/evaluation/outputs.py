@@ -22,8 +22,12 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def write_output_folder(out_dir: str, writers: dict[str, Callable[[str], None]], command: str = "evaluate",
-                        inputs: Mapping[str, str | None] | None = None) -> list[str]:
+def write_output_folder(
+    out_dir: str,
+    writers: dict[str, Callable[[str], None]],
+    command: str = "evaluate",
+    inputs: Mapping[str, str | None] | None = None,
+) -> list[str]:
     """Call writers[relative_path](absolute_temp_path) for every file, then move them into out_dir (-o); returns the
     final paths. `inputs` ({flag: folder}) may not be out_dir or lie inside it."""
     return write_files_into(out_dir, writers, command, flag="-o", inputs=inputs)

@@ -21,8 +21,15 @@ class FusionUNetDecoder(nn.Module):
     (its parameters would appear twice in the state_dict).
     """
 
-    def __init__(self, encoder: HybridEncoder, num_classes: int, n_conv_per_stage: Sequence[int],
-                 deep_supervision: bool, fusion: str = "mgf", gate_norm: str = "instance"):
+    def __init__(
+        self,
+        encoder: HybridEncoder,
+        num_classes: int,
+        n_conv_per_stage: Sequence[int],
+        deep_supervision: bool,
+        fusion: str = "mgf",
+        gate_norm: str = "instance",
+    ):
         super().__init__()
         self.deep_supervision = deep_supervision
         self.num_classes = num_classes
@@ -37,12 +44,34 @@ class FusionUNetDecoder(nn.Module):
             channels_skip = encoder.output_channels[-(s + 1)]
             stride = encoder.strides[-s]
             transpconvs.append(transpconv_op(channels_below, channels_skip, stride, stride, bias=encoder.conv_bias))
-            fusions.append(build_skip_fusion(fusion, encoder.conv_op, channels_skip, encoder.norm_op,
-                                             encoder.norm_op_kwargs, encoder.conv_bias, gate_norm))
-            stages.append(StackedConvBlocks(
-                n_conv_per_stage[s - 1], encoder.conv_op, 2 * channels_skip, channels_skip,
-                encoder.kernel_sizes[-(s + 1)], 1, encoder.conv_bias, encoder.norm_op, encoder.norm_op_kwargs,
-                encoder.dropout_op, encoder.dropout_op_kwargs, encoder.nonlin, encoder.nonlin_kwargs))
+            fusions.append(
+                build_skip_fusion(
+                    fusion,
+                    encoder.conv_op,
+                    channels_skip,
+                    encoder.norm_op,
+                    encoder.norm_op_kwargs,
+                    encoder.conv_bias,
+                    gate_norm,
+                )
+            )
+            stages.append(
+                StackedConvBlocks(
+                    n_conv_per_stage[s - 1],
+                    encoder.conv_op,
+                    2 * channels_skip,
+                    channels_skip,
+                    encoder.kernel_sizes[-(s + 1)],
+                    1,
+                    encoder.conv_bias,
+                    encoder.norm_op,
+                    encoder.norm_op_kwargs,
+                    encoder.dropout_op,
+                    encoder.dropout_op_kwargs,
+                    encoder.nonlin,
+                    encoder.nonlin_kwargs,
+                )
+            )
             seg_layers.append(encoder.conv_op(channels_skip, num_classes, 1, 1, 0, bias=True))
         self.transpconvs = nn.ModuleList(transpconvs)
         self.fusions = nn.ModuleList(fusions)

@@ -33,8 +33,9 @@ def recompute_projection_skips(blocks: StackedResidualBlocks) -> None:
     recomputing would update them twice)."""
     for block in blocks.blocks:
         skip = getattr(block, "skip", None)
-        if isinstance(skip, nn.Sequential) and not any(getattr(m, "track_running_stats", False)
-                                                       for m in skip.modules()):
+        if isinstance(skip, nn.Sequential) and not any(
+            getattr(m, "track_running_stats", False) for m in skip.modules()
+        ):
             block.skip = RecomputedSkip(*skip)
 
 
@@ -74,25 +75,71 @@ class HybridEncoder(nn.Module):
     norm/dropout/nonlin ops and kwargs, conv_bias).
     """
 
-    def __init__(self, input_channels: int, features_per_stage: Sequence[int], conv_op, kernel_sizes, strides,
-                 n_blocks_per_stage: Sequence[int], mamba_stages: Sequence[bool], conv_bias=False, norm_op=None,
-                 norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None, nonlin_kwargs=None,
-                 scan="cross", d_state=16, d_conv=4, expand=2, mamba_max_inner_channels=512,
-                 n_mamba_layers_per_stage=1, direction_merge="mean", dt_min=0.001, dt_max=0.1, layer_scale=None):
+    def __init__(
+        self,
+        input_channels: int,
+        features_per_stage: Sequence[int],
+        conv_op,
+        kernel_sizes,
+        strides,
+        n_blocks_per_stage: Sequence[int],
+        mamba_stages: Sequence[bool],
+        conv_bias=False,
+        norm_op=None,
+        norm_op_kwargs=None,
+        dropout_op=None,
+        dropout_op_kwargs=None,
+        nonlin=None,
+        nonlin_kwargs=None,
+        scan="cross",
+        d_state=16,
+        d_conv=4,
+        expand=2,
+        mamba_max_inner_channels=512,
+        n_mamba_layers_per_stage=1,
+        direction_merge="mean",
+        dt_min=0.001,
+        dt_max=0.1,
+        layer_scale=None,
+    ):
         super().__init__()
         n_spatial_dims = convert_conv_op_to_dim(conv_op)
         stages = []
         channels_in = input_channels
         for s, channels in enumerate(features_per_stage):
-            blocks = StackedResidualBlocks(n_blocks_per_stage[s], conv_op, channels_in, channels, kernel_sizes[s],
-                                           strides[s], conv_bias, norm_op, norm_op_kwargs, dropout_op,
-                                           dropout_op_kwargs, nonlin, nonlin_kwargs)
+            blocks = StackedResidualBlocks(
+                n_blocks_per_stage[s],
+                conv_op,
+                channels_in,
+                channels,
+                kernel_sizes[s],
+                strides[s],
+                conv_bias,
+                norm_op,
+                norm_op_kwargs,
+                dropout_op,
+                dropout_op_kwargs,
+                nonlin,
+                nonlin_kwargs,
+            )
             recompute_projection_skips(blocks)
             stage_expand = effective_expand(channels, expand, mamba_max_inner_channels)
             with rng_untouched(stage=s):
-                mamba_layers = [MambaLayer(channels, n_spatial_dims, scan, d_state, d_conv, stage_expand,
-                                           direction_merge, dt_min, dt_max, layer_scale)
-                                for _ in range(n_mamba_layers_per_stage if mamba_stages[s] else 0)]
+                mamba_layers = [
+                    MambaLayer(
+                        channels,
+                        n_spatial_dims,
+                        scan,
+                        d_state,
+                        d_conv,
+                        stage_expand,
+                        direction_merge,
+                        dt_min,
+                        dt_max,
+                        layer_scale,
+                    )
+                    for _ in range(n_mamba_layers_per_stage if mamba_stages[s] else 0)
+                ]
             stages.append(HybridStage(blocks, mamba_layers))
             channels_in = channels
         self.stages = nn.ModuleList(stages)

@@ -53,20 +53,39 @@ class HyMUNet(nn.Module):
     (tests/test_network_memory.py, scripts/profile_components.py).
     """
 
-    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, Sequence[int]], conv_op,
-                 kernel_sizes, strides, n_blocks_per_stage: Union[int, Sequence[int]] = None,
-                 num_classes: Optional[int] = None, n_conv_per_stage_decoder: Union[int, Sequence[int]] = None,
-                 conv_bias: bool = False, norm_op=None, norm_op_kwargs: dict = None, dropout_op=None,
-                 dropout_op_kwargs: dict = None, nonlin=None, nonlin_kwargs: dict = None,
-                 deep_supervision: bool = False, **knobs):
+    def __init__(
+        self,
+        input_channels: int,
+        n_stages: int,
+        features_per_stage: Union[int, Sequence[int]],
+        conv_op,
+        kernel_sizes,
+        strides,
+        n_blocks_per_stage: Union[int, Sequence[int]] = None,
+        num_classes: Optional[int] = None,
+        n_conv_per_stage_decoder: Union[int, Sequence[int]] = None,
+        conv_bias: bool = False,
+        norm_op=None,
+        norm_op_kwargs: dict = None,
+        dropout_op=None,
+        dropout_op_kwargs: dict = None,
+        nonlin=None,
+        nonlin_kwargs: dict = None,
+        deep_supervision: bool = False,
+        **knobs,
+    ):
         super().__init__()
         if "n_conv_per_stage" in knobs:
             raise HyMUNetError(
                 "HyMUNet takes its layout explicitly (n_blocks_per_stage); these arch_kwargs give n_conv_per_stage (a "
                 "PlainConvUNet plan, or a plans file of hymunet 0.1.0): convert them with nnunetv2_hymunet.planning."
-                "architecture.hymunet_arch_kwargs (a plans file: upgrade_plans), or re-run hymunet plan")
-        for name, value in (("num_classes", num_classes), ("n_blocks_per_stage", n_blocks_per_stage),
-                            ("n_conv_per_stage_decoder", n_conv_per_stage_decoder)):
+                "architecture.hymunet_arch_kwargs (a plans file: upgrade_plans), or re-run hymunet plan"
+            )
+        for name, value in (
+            ("num_classes", num_classes),
+            ("n_blocks_per_stage", n_blocks_per_stage),
+            ("n_conv_per_stage_decoder", n_conv_per_stage_decoder),
+        ):
             if value is None:
                 raise HyMUNetError(f"HyMUNet needs {name} (a plans arch_kwargs key)")
         knobs = HybridKnobs.from_dict(knobs, "HyMUNet")
@@ -95,31 +114,56 @@ class HyMUNet(nn.Module):
         self.n_conv_per_stage_decoder = [int(c) for c in n_conv_decoder]
         self.scan = knobs.scan
         self.fusion = knobs.fusion
-        self.encoder = HybridEncoder(input_channels, features_per_stage, conv_op, kernel_sizes, strides,
-                                     self.n_blocks_per_stage, [s in mamba_stage_indices for s in range(n_stages)],
-                                     conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin,
-                                     nonlin_kwargs, knobs.scan, knobs.d_state, knobs.d_conv, knobs.expand,
-                                     knobs.mamba_max_inner_channels, knobs.n_mamba_layers_per_stage,
-                                     knobs.direction_merge, knobs.dt_min, knobs.dt_max, knobs.layer_scale)
-        self.decoder = FusionUNetDecoder(self.encoder, num_classes, self.n_conv_per_stage_decoder, deep_supervision,
-                                         knobs.fusion, knobs.gate_norm)
+        self.encoder = HybridEncoder(
+            input_channels,
+            features_per_stage,
+            conv_op,
+            kernel_sizes,
+            strides,
+            self.n_blocks_per_stage,
+            [s in mamba_stage_indices for s in range(n_stages)],
+            conv_bias,
+            norm_op,
+            norm_op_kwargs,
+            dropout_op,
+            dropout_op_kwargs,
+            nonlin,
+            nonlin_kwargs,
+            knobs.scan,
+            knobs.d_state,
+            knobs.d_conv,
+            knobs.expand,
+            knobs.mamba_max_inner_channels,
+            knobs.n_mamba_layers_per_stage,
+            knobs.direction_merge,
+            knobs.dt_min,
+            knobs.dt_max,
+            knobs.layer_scale,
+        )
+        self.decoder = FusionUNetDecoder(
+            self.encoder, num_classes, self.n_conv_per_stage_decoder, deep_supervision, knobs.fusion, knobs.gate_norm
+        )
         self.total_stride = [int(np.prod([s[d] for s in self.encoder.strides])) for d in range(dim)]
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         spatial = x.shape[2:]
         if len(spatial) != len(self.total_stride) or any(n % s for n, s in zip(spatial, self.total_stride)):
-            raise HyMUNetError(f"HyMUNet input of spatial size {tuple(spatial)} must have {len(self.total_stride)} "
-                               f"spatial axes divisible by the total stride {tuple(self.total_stride)} "
-                               "(pad it, as nnU-Net does to the patch size)")
+            raise HyMUNetError(
+                f"HyMUNet input of spatial size {tuple(spatial)} must have {len(self.total_stride)} "
+                f"spatial axes divisible by the total stride {tuple(self.total_stride)} "
+                "(pad it, as nnU-Net does to the patch size)"
+            )
         return self.decoder(self.encoder(x))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Stored activations per sample (conv outputs as DNA counts them, plus an estimate for Mamba and MGF)."""
         if len(input_size) != len(self.total_stride):
-            raise HyMUNetError(f"input_size must be the spatial size only ({len(self.total_stride)} values), "
-                               f"got {tuple(input_size)}")
-        return self.encoder.compute_conv_feature_map_size(input_size) + \
-            self.decoder.compute_conv_feature_map_size(input_size)
+            raise HyMUNetError(
+                f"input_size must be the spatial size only ({len(self.total_stride)} values), got {tuple(input_size)}"
+            )
+        return self.encoder.compute_conv_feature_map_size(input_size) + self.decoder.compute_conv_feature_map_size(
+            input_size
+        )
 
     @staticmethod
     def initialize(module: nn.Module) -> None:

@@ -32,8 +32,11 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
         and math.isfinite(value)
+    )
 
 
 def per_stage(name: str, value, n: int) -> list:
@@ -60,6 +63,7 @@ class HybridKnobs:
     dt_min, dt_max: Mamba's initial step-size range. gate_norm: instance | none | channel (the MGF gate's norm).
     layer_scale: None (gamma = 1) or the initial value of a learnable per-channel gamma.
     """
+
     n_mamba_stages: Optional[int] = None
     mamba_stages: Optional[Tuple[int, ...]] = None
     scan: str = "cross"
@@ -84,24 +88,32 @@ class HybridKnobs:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise HyMUNetError(f"knob {name} must be an integer >= 1, got {value!r}")
-        if self.mamba_max_inner_channels is not None and (not _is_int(self.mamba_max_inner_channels)
-                                                          or self.mamba_max_inner_channels < 1):
-            raise HyMUNetError("knob mamba_max_inner_channels must be null/None or an integer >= 1, got "
-                               f"{self.mamba_max_inner_channels!r}")
+        if self.mamba_max_inner_channels is not None and (
+            not _is_int(self.mamba_max_inner_channels) or self.mamba_max_inner_channels < 1
+        ):
+            raise HyMUNetError(
+                "knob mamba_max_inner_channels must be null/None or an integer >= 1, got "
+                f"{self.mamba_max_inner_channels!r}"
+            )
         if not _is_real(self.expand) or self.expand < 1:
             raise HyMUNetError(f"knob expand must be a number >= 1, got {self.expand!r}")
         if not _is_real(self.dt_min) or not _is_real(self.dt_max) or not 0 < self.dt_min <= self.dt_max:
-            raise HyMUNetError(f"knobs dt_min and dt_max must be numbers with 0 < dt_min <= dt_max, got "
-                               f"{self.dt_min!r}, {self.dt_max!r}")
+            raise HyMUNetError(
+                f"knobs dt_min and dt_max must be numbers with 0 < dt_min <= dt_max, got "
+                f"{self.dt_min!r}, {self.dt_max!r}"
+            )
         if self.layer_scale is not None and (not _is_real(self.layer_scale) or self.layer_scale < 0):
             raise HyMUNetError(f"knob layer_scale must be null/None or a finite number >= 0, got {self.layer_scale!r}")
         if self.n_mamba_stages is not None and (not _is_int(self.n_mamba_stages) or self.n_mamba_stages < 0):
-            raise HyMUNetError(f"knob n_mamba_stages must be null/None or an integer >= 0, got "
-                               f"{self.n_mamba_stages!r}")
+            raise HyMUNetError(f"knob n_mamba_stages must be null/None or an integer >= 0, got {self.n_mamba_stages!r}")
         if self.mamba_stages is not None:
             stages = self.mamba_stages
-            if isinstance(stages, (str, bytes)) or not isinstance(stages, (Sequence, np.ndarray)) or \
-                    not all(_is_int(s) and s >= 0 for s in stages) or len(set(int(s) for s in stages)) != len(stages):
+            if (
+                isinstance(stages, (str, bytes))
+                or not isinstance(stages, (Sequence, np.ndarray))
+                or not all(_is_int(s) and s >= 0 for s in stages)
+                or len(set(int(s) for s in stages)) != len(stages)
+            ):
                 raise HyMUNetError(f"knob mamba_stages must be a list of distinct stage indices >= 0, got {stages!r}")
             object.__setattr__(self, "mamba_stages", tuple(sorted(int(s) for s in stages)))
 
@@ -112,8 +124,9 @@ class HybridKnobs:
             raise HyMUNetError(f"{where}: hybrid knobs must be an object/dict, got {type(knobs).__name__}")
         unknown = sorted(set(knobs) - set(KNOB_NAMES))
         if unknown:
-            raise HyMUNetError(f"{where}: unknown HyMUNet knob {', '.join(map(repr, unknown))} "
-                               f"(known: {', '.join(KNOB_NAMES)})")
+            raise HyMUNetError(
+                f"{where}: unknown HyMUNet knob {', '.join(map(repr, unknown))} (known: {', '.join(KNOB_NAMES)})"
+            )
         try:
             return cls(**knobs)
         except HyMUNetError as e:
@@ -150,8 +163,10 @@ class HybridKnobs:
         if any(s >= n_stages for s in indices):
             raise HyMUNetError(f"knob mamba_stages must list stage indices in 0..{n_stages - 1}, got {indices}")
         if k is not None and indices != list(range(n_stages - k, n_stages)):
-            raise HyMUNetError(f"knob n_mamba_stages={k} (the deepest {k} stages) disagrees with mamba_stages="
-                               f"{indices}; give one of them")
+            raise HyMUNetError(
+                f"knob n_mamba_stages={k} (the deepest {k} stages) disagrees with mamba_stages="
+                f"{indices}; give one of them"
+            )
         return indices
 
     def explicit(self, n_stages: int) -> dict:

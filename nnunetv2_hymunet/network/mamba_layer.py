@@ -71,9 +71,17 @@ def direction_scan(mamba: Mamba, x_in: torch.Tensor, direction, spatial: Sequenc
     dt = F.linear(dt, mamba.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, before softplus
     scan_dtype = torch.float64 if x_in.dtype == torch.float64 else torch.float32  # as Mamba.forward
     A = -torch.exp(mamba.A_log.to(scan_dtype))
-    y = selective_scan_fn(u, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                          mamba.D.to(scan_dtype), z=None, delta_bias=mamba.dt_proj.bias.to(scan_dtype),
-                          delta_softplus=True)
+    y = selective_scan_fn(
+        u,
+        dt,
+        A,
+        B.transpose(1, 2).contiguous(),
+        C.transpose(1, 2).contiguous(),
+        mamba.D.to(scan_dtype),
+        z=None,
+        delta_bias=mamba.dt_proj.bias.to(scan_dtype),
+        delta_softplus=True,
+    )
     return from_sequence(y, perm, reverse, spatial).flatten(2).transpose(1, 2)
 
 
@@ -92,19 +100,37 @@ class MambaLayer(nn.Module):
     caller's dtype.
     """
 
-    def __init__(self, channels: int, n_spatial_dims: int, scan: str = "cross", d_state: int = 16, d_conv: int = 4,
-                 expand: float = 2, direction_merge: str = "mean", dt_min: float = 0.001, dt_max: float = 0.1,
-                 layer_scale: Optional[float] = None):
+    def __init__(
+        self,
+        channels: int,
+        n_spatial_dims: int,
+        scan: str = "cross",
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        direction_merge: str = "mean",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        layer_scale: Optional[float] = None,
+    ):
         super().__init__()
-        HybridKnobs(scan=scan, d_state=d_state, d_conv=d_conv, direction_merge=direction_merge, dt_min=dt_min,
-                    dt_max=dt_max, layer_scale=layer_scale)  # the knobs' one set of checks
+        HybridKnobs(
+            scan=scan,
+            d_state=d_state,
+            d_conv=d_conv,
+            direction_merge=direction_merge,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            layer_scale=layer_scale,
+        )  # the knobs' one set of checks
         self.channels = channels
         self.scan = scan
         self.direction_merge = direction_merge
         self.directions = scan_directions(scan, n_spatial_dims)
         self.norm = nn.LayerNorm(channels)
-        mamba_kwargs = dict(d_model=channels, d_state=d_state, d_conv=d_conv, expand=expand, dt_min=dt_min,
-                            dt_max=dt_max)
+        mamba_kwargs = dict(
+            d_model=channels, d_state=d_state, d_conv=d_conv, expand=expand, dt_min=dt_min, dt_max=dt_max
+        )
         if direction_merge == "separate":
             self.mambas = nn.ModuleList([Mamba(**mamba_kwargs) for _ in self.directions])
         else:

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 
-def saved_for_backward_bytes(network: nn.Module, *inputs: torch.Tensor,
-                             label: Optional[Callable[[], str]] = None) -> Dict[str, int]:
+def saved_for_backward_bytes(
+    network: nn.Module, *inputs: torch.Tensor, label: Optional[Callable[[], str]] = None
+) -> Dict[str, int]:
     """{label: bytes} of the tensors autograd saves for backward during one forward pass of `network` (train mode).
 
     Each storage is counted once (views and tensors saved by several ops share it), in full, under `label()` at the

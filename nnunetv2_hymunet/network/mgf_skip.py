@@ -45,8 +45,15 @@ class MambaGuidedFusion(nn.Module):
     is 1x1 because the decoder convs that follow already mix space; a 3x3 gate would add 9 C^2 parameters per level.
     """
 
-    def __init__(self, conv_op: Type[_ConvNd], channels: int, norm_op=None, norm_op_kwargs=None, conv_bias=False,
-                 gate_norm: str = "instance"):
+    def __init__(
+        self,
+        conv_op: Type[_ConvNd],
+        channels: int,
+        norm_op=None,
+        norm_op_kwargs=None,
+        conv_bias=False,
+        gate_norm: str = "instance",
+    ):
         super().__init__()
         self.gate_conv = conv_op(channels, channels, 1, 1, 0, bias=conv_bias)
         self.gate_norm = build_gate_norm(gate_norm, channels, norm_op, norm_op_kwargs)
@@ -85,8 +92,9 @@ def _channel_slices(module: "MambaGuidedFusion", channels: int):
     """The gate's output channels in chunks when a channel's gate needs only that channel's conv output (instance
     norm without running statistics, or none): the 1x1 conv and the norm then act on each chunk alone."""
     norm = module.gate_norm
-    if isinstance(norm, nn.Identity) or (isinstance(norm, nn.modules.instancenorm._InstanceNorm)
-                                         and not norm.track_running_stats):
+    if isinstance(norm, nn.Identity) or (
+        isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
+    ):
         return [slice(c, min(c + GATE_CHANNEL_CHUNK, channels)) for c in range(0, channels, GATE_CHANNEL_CHUNK)]
     return [slice(None)]
 
@@ -98,8 +106,16 @@ def _gate_channels(module: "MambaGuidedFusion", upsampled: torch.Tensor, part: s
     conv, norm = module.gate_conv, module.gate_norm
     h = conv._conv_forward(upsampled, conv.weight[part], None if conv.bias is None else conv.bias[part])
     if not isinstance(norm, nn.Identity):
-        h = F.instance_norm(h, None, None, norm.weight[part] if norm.affine else None,
-                            norm.bias[part] if norm.affine else None, True, 0.0, norm.eps)
+        h = F.instance_norm(
+            h,
+            None,
+            None,
+            norm.weight[part] if norm.affine else None,
+            norm.bias[part] if norm.affine else None,
+            True,
+            0.0,
+            norm.eps,
+        )
     return h.sigmoid_()
 
 
@@ -160,8 +176,9 @@ class _GatedSkip(torch.autograd.Function):
             grad_skip[sample] = grad_gated * (gate.detach() + 1)
             grads = torch.autograd.grad(gate, (upsampled, *params), grad_gated * skip[sample], allow_unused=True)
             grad_up[sample] = grads[0] + grad_out[sample, :channels].to(grads[0].dtype)
-            grad_params = [g if acc is None else acc if g is None else acc + g
-                           for acc, g in zip(grad_params, grads[1:])]
+            grad_params = [
+                g if acc is None else acc if g is None else acc + g for acc, g in zip(grad_params, grads[1:])
+            ]
             del gate, grads
         return (None, grad_skip, grad_up, *grad_params)
 
@@ -176,8 +193,15 @@ class ConcatFusion(nn.Module):
         return 0
 
 
-def build_skip_fusion(fusion: str, conv_op: Type[_ConvNd], channels: int, norm_op=None, norm_op_kwargs=None,
-                      conv_bias=False, gate_norm: str = "instance") -> nn.Module:
+def build_skip_fusion(
+    fusion: str,
+    conv_op: Type[_ConvNd],
+    channels: int,
+    norm_op=None,
+    norm_op_kwargs=None,
+    conv_bias=False,
+    gate_norm: str = "instance",
+) -> nn.Module:
     if fusion == "mgf":
         return MambaGuidedFusion(conv_op, channels, norm_op, norm_op_kwargs, conv_bias, gate_norm)
     if fusion == "concat":

@@ -27,11 +27,30 @@ HYMUNET_CLASS_NAME = "nnunetv2_hymunet.network.HyMUNet"
 HYBRID_KNOBS = KNOB_NAMES
 
 # U-Net arguments HyMUNet shares one to one (per-stage lists are written out as lists).
-_SHARED_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "conv_bias", "norm_op",
-                "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin", "nonlin_kwargs")
+_SHARED_KEYS = (
+    "n_stages",
+    "features_per_stage",
+    "conv_op",
+    "kernel_sizes",
+    "strides",
+    "conv_bias",
+    "norm_op",
+    "norm_op_kwargs",
+    "dropout_op",
+    "dropout_op_kwargs",
+    "nonlin",
+    "nonlin_kwargs",
+)
 _REQUIRED_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides")
-_DEFAULTS = {"conv_bias": False, "norm_op": None, "norm_op_kwargs": None, "dropout_op": None,
-             "dropout_op_kwargs": None, "nonlin": None, "nonlin_kwargs": None}
+_DEFAULTS = {
+    "conv_bias": False,
+    "norm_op": None,
+    "norm_op_kwargs": None,
+    "dropout_op": None,
+    "dropout_op_kwargs": None,
+    "nonlin": None,
+    "nonlin_kwargs": None,
+}
 
 
 def is_hymunet(network_class_name: str) -> bool:
@@ -41,13 +60,16 @@ def is_hymunet(network_class_name: str) -> bool:
 def _unet_layout(n_stages: int, arch_kwargs: dict, where: str) -> tuple:
     """(n_blocks_per_stage, n_conv_per_stage_decoder) of HyMUNet for a PlainConvUNet / ResEnc plan (module doc)."""
     if "n_blocks_per_stage" in arch_kwargs:
-        blocks = [int(b) for b in per_stage(f"{where} n_blocks_per_stage", arch_kwargs["n_blocks_per_stage"],
-                                            n_stages)]
+        blocks = [int(b) for b in per_stage(f"{where} n_blocks_per_stage", arch_kwargs["n_blocks_per_stage"], n_stages)]
     else:
         convs = per_stage(f"{where} n_conv_per_stage", arch_kwargs["n_conv_per_stage"], n_stages)
         blocks = [max(1, -(-int(c) // 2)) for c in convs]
-    decoder = [int(c) for c in per_stage(f"{where} n_conv_per_stage_decoder",
-                                         arch_kwargs.get("n_conv_per_stage_decoder", 2), n_stages - 1)]
+    decoder = [
+        int(c)
+        for c in per_stage(
+            f"{where} n_conv_per_stage_decoder", arch_kwargs.get("n_conv_per_stage_decoder", 2), n_stages - 1
+        )
+    ]
     hybrid = [s >= n_stages - default_n_hybrid_stages(n_stages) for s in range(n_stages)]
     blocks = [1 if hybrid[s] else blocks[s] for s in range(n_stages)]
     # decoder level s (deepest first) is fed by the skip of encoder stage n_stages - 2 - s
@@ -69,13 +91,18 @@ def hymunet_arch_kwargs(network_class_name: str, arch_kwargs: dict, knob_overrid
         raise HyMUNetError(
             f"the plans architecture {network_class_name} has no {', '.join(missing)} in arch_kwargs: HyMUNet is "
             "built from U-Net-style plans (PlainConvUNet, ResidualEncoderUNet or HyMUNet). Re-plan with "
-            "nnUNetv2_plan_and_preprocess (default planner or a ResEnc planner)")
+            "nnUNetv2_plan_and_preprocess (default planner or a ResEnc planner)"
+        )
     if "n_conv_per_stage" not in arch_kwargs and "n_blocks_per_stage" not in arch_kwargs:
-        raise HyMUNetError(f"the plans architecture {network_class_name} has neither n_conv_per_stage nor "
-                           "n_blocks_per_stage in arch_kwargs")
+        raise HyMUNetError(
+            f"the plans architecture {network_class_name} has neither n_conv_per_stage nor "
+            "n_blocks_per_stage in arch_kwargs"
+        )
     if "n_conv_per_stage" in arch_kwargs and "n_blocks_per_stage" in arch_kwargs:
-        raise HyMUNetError(f"the plans architecture {network_class_name} gives both n_conv_per_stage and "
-                           "n_blocks_per_stage in arch_kwargs: give one of them")
+        raise HyMUNetError(
+            f"the plans architecture {network_class_name} gives both n_conv_per_stage and "
+            "n_blocks_per_stage in arch_kwargs: give one of them"
+        )
     n_stages = arch_kwargs["n_stages"]
     if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 2:
         raise HyMUNetError(f"{where} arch_kwargs: n_stages must be an integer >= 2, got {n_stages!r}")
@@ -84,14 +111,18 @@ def hymunet_arch_kwargs(network_class_name: str, arch_kwargs: dict, knob_overrid
         out[key] = per_stage(f"{where} {key}", out[key], n_stages)
     explicit = is_hymunet(network_class_name) and "n_blocks_per_stage" in arch_kwargs
     if explicit:
-        out["n_blocks_per_stage"] = [int(b) for b in per_stage("HyMUNet n_blocks_per_stage",
-                                                               arch_kwargs["n_blocks_per_stage"], n_stages)]
-        out["n_conv_per_stage_decoder"] = [int(c) for c in per_stage(
-            "HyMUNet n_conv_per_stage_decoder", arch_kwargs.get("n_conv_per_stage_decoder", 2), n_stages - 1)]
+        out["n_blocks_per_stage"] = [
+            int(b) for b in per_stage("HyMUNet n_blocks_per_stage", arch_kwargs["n_blocks_per_stage"], n_stages)
+        ]
+        out["n_conv_per_stage_decoder"] = [
+            int(c)
+            for c in per_stage(
+                "HyMUNet n_conv_per_stage_decoder", arch_kwargs.get("n_conv_per_stage_decoder", 2), n_stages - 1
+            )
+        ]
     else:
         out["n_blocks_per_stage"], out["n_conv_per_stage_decoder"] = _unet_layout(n_stages, arch_kwargs, where)
-    plans_knobs = {k: arch_kwargs[k] for k in KNOB_NAMES if k in arch_kwargs} if is_hymunet(network_class_name) \
-        else {}
+    plans_knobs = {k: arch_kwargs[k] for k in KNOB_NAMES if k in arch_kwargs} if is_hymunet(network_class_name) else {}
     knobs = HybridKnobs.from_dict(plans_knobs, f"{where} arch_kwargs").with_overrides(knob_overrides)
     out.update(knobs.explicit(n_stages))
     return out
@@ -105,8 +136,11 @@ def requires_import(arch_kwargs: dict) -> list:
 def hymunet_architecture(network_class_name: str, arch_kwargs: dict, knob_overrides: dict = None) -> dict:
     """A plans `architecture` entry naming HyMUNet with its explicit arch_kwargs."""
     kwargs = hymunet_arch_kwargs(network_class_name, arch_kwargs, knob_overrides)
-    return {"network_class_name": HYMUNET_CLASS_NAME, "arch_kwargs": kwargs,
-            "_kw_requires_import": requires_import(kwargs)}
+    return {
+        "network_class_name": HYMUNET_CLASS_NAME,
+        "arch_kwargs": kwargs,
+        "_kw_requires_import": requires_import(kwargs),
+    }
 
 
 def hymunet_architecture_entry(configuration: dict, knob_overrides: dict = None) -> dict:
@@ -115,16 +149,29 @@ def hymunet_architecture_entry(configuration: dict, knob_overrides: dict = None)
     return hymunet_architecture(architecture["network_class_name"], architecture["arch_kwargs"], knob_overrides)
 
 
-def build_hymunet(configuration_manager, num_input_channels: int, num_output_channels: int,
-                  enable_deep_supervision: bool, knob_overrides: dict = None, allow_init: bool = True):
+def build_hymunet(
+    configuration_manager,
+    num_input_channels: int,
+    num_output_channels: int,
+    enable_deep_supervision: bool,
+    knob_overrides: dict = None,
+    allow_init: bool = True,
+):
     """HyMUNet for a plans configuration (the trainers' build_network_architecture)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    architecture = hymunet_architecture(configuration_manager.network_arch_class_name,
-                                        configuration_manager.network_arch_init_kwargs, knob_overrides)
-    return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                  architecture["_kw_requires_import"], num_input_channels, num_output_channels,
-                                  allow_init=allow_init, deep_supervision=enable_deep_supervision)
+    architecture = hymunet_architecture(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs, knob_overrides
+    )
+    return get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        num_input_channels,
+        num_output_channels,
+        allow_init=allow_init,
+        deep_supervision=enable_deep_supervision,
+    )
 
 
 def upgrade_plans(plans: dict) -> list:
@@ -136,20 +183,33 @@ def upgrade_plans(plans: dict) -> list:
     upgraded = []
     for name, configuration in plans.get("configurations", {}).items():
         architecture = configuration.get("architecture")
-        if architecture and is_hymunet(architecture["network_class_name"]) and \
-                "n_conv_per_stage" in architecture["arch_kwargs"]:
-            configuration["architecture"] = hymunet_architecture(architecture["network_class_name"],
-                                                                 architecture["arch_kwargs"])
+        if (
+            architecture
+            and is_hymunet(architecture["network_class_name"])
+            and "n_conv_per_stage" in architecture["arch_kwargs"]
+        ):
+            configuration["architecture"] = hymunet_architecture(
+                architecture["network_class_name"], architecture["arch_kwargs"]
+            )
             upgraded.append(name)
     return upgraded
 
 
-def hymunet_from_unet_kwargs(input_channels: int, num_classes: int, deep_supervision: bool = False,
-                             network_class_name: str = "PlainConvUNet", **kwargs):
+def hymunet_from_unet_kwargs(
+    input_channels: int,
+    num_classes: int,
+    deep_supervision: bool = False,
+    network_class_name: str = "PlainConvUNet",
+    **kwargs,
+):
     """HyMUNet from U-Net arch_kwargs (classes, not their names) with knobs among them, through hymunet_arch_kwargs:
     how scripts and tests build the HyMUNet of a U-Net plan. No initialisation (as the class itself)."""
     from nnunetv2_hymunet.network import HyMUNet
 
     knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOB_NAMES}
-    return HyMUNet(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision,
-                   **hymunet_arch_kwargs(network_class_name, kwargs, knobs))
+    return HyMUNet(
+        input_channels=input_channels,
+        num_classes=num_classes,
+        deep_supervision=deep_supervision,
+        **hymunet_arch_kwargs(network_class_name, kwargs, knobs),
+    )

@@ -40,21 +40,37 @@ def memory_estimate(architecture: dict, patch_size, input_channels: int, output_
     hostname lookup (a subprocess) and thread-count change."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    net = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                 architecture["_kw_requires_import"], input_channels, output_channels,
-                                 allow_init=False)
+    net = get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        input_channels,
+        output_channels,
+        allow_init=False,
+    )
     return int(net.compute_conv_feature_map_size(tuple(int(p) for p in patch_size)))
 
 
 class nnUNetPlannerHyMUNet(ExperimentPlanner):
     hybrid_knobs: dict = {}  # a subclass plans another design, nnU-Net style (presets give them per configuration)
 
-    def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = DEFAULT_PLANS_NAME,
-                 overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
-                 suppress_transpose: bool = False):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
-                         overwrite_target_spacing, suppress_transpose)
+    def __init__(
+        self,
+        dataset_name_or_id: Union[str, int],
+        gpu_memory_target_in_gb: float = 8,
+        preprocessor_name: str = "DefaultPreprocessor",
+        plans_name: str = DEFAULT_PLANS_NAME,
+        overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
+        suppress_transpose: bool = False,
+    ):
+        super().__init__(
+            dataset_name_or_id,
+            gpu_memory_target_in_gb,
+            preprocessor_name,
+            plans_name,
+            overwrite_target_spacing,
+            suppress_transpose,
+        )
         self.knob_overrides = dict(self.hybrid_knobs)
         # the U-Net layout nnU-Net's loop plans (UNet_class stays PlainConvUNet); HyMUNet is derived from it
         self.unet_layout = PLAIN_CONV_UNET
@@ -72,16 +88,25 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
             arch_kwargs["n_blocks_per_stage"] = arch_kwargs.pop("n_conv_per_stage")
         return hymunet_architecture(self.unet_layout, arch_kwargs, self.knob_overrides)
 
-    def static_estimate_VRAM_usage(self, patch_size, input_channels: int, output_channels: int, arch_class_name: str,
-                                   arch_kwargs: dict, arch_kwargs_req_import) -> int:
+    def static_estimate_VRAM_usage(
+        self,
+        patch_size,
+        input_channels: int,
+        output_channels: int,
+        arch_class_name: str,
+        arch_kwargs: dict,
+        arch_kwargs_req_import,
+    ) -> int:
         """HyMUNet's memory estimate for the U-Net nnU-Net's loop is sizing (an instance method here: the knobs
         belong to the planner)."""
         return memory_estimate(self.hymunet_architecture(arch_kwargs), patch_size, input_channels, output_channels)
 
-    def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
-                                    approximate_n_voxels_dataset: float, _cache: dict) -> dict:
-        plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
-                                                   approximate_n_voxels_dataset, _cache)
+    def get_plans_for_configuration(
+        self, spacing, median_shape, data_identifier: str, approximate_n_voxels_dataset: float, _cache: dict
+    ) -> dict:
+        plan = super().get_plans_for_configuration(
+            spacing, median_shape, data_identifier, approximate_n_voxels_dataset, _cache
+        )
         plan["architecture"] = self.hymunet_architecture(plan["architecture"]["arch_kwargs"])
         return plan
 
@@ -90,8 +115,9 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
     def memory_reference(self, dim: int) -> Tuple[float, int]:
         """(feature-map elements that fit the GPU memory target, the batch size they correspond to), as nnU-Net's
         loop computes them."""
-        reference = (self.UNet_reference_val_2d if dim == 2 else self.UNet_reference_val_3d) * \
-            (self.UNet_vram_target_GB / self.UNet_reference_val_corresp_GB)
+        reference = (self.UNet_reference_val_2d if dim == 2 else self.UNet_reference_val_3d) * (
+            self.UNet_vram_target_GB / self.UNet_reference_val_corresp_GB
+        )
         return reference, self.UNet_reference_val_corresp_bs_2d if dim == 2 else self.UNet_reference_val_corresp_bs_3d
 
     def batch_size_for(self, estimate: float, patch_size, approximate_n_voxels_dataset: float) -> int:
@@ -99,8 +125,9 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
         separate function for them): memory-bound, at most 5% of the dataset, at least 2."""
         reference, ref_bs = self.memory_reference(len(patch_size))
         batch_size = round(reference / estimate * ref_bs)
-        five_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered /
-                             np.prod(patch_size, dtype=np.float64))
+        five_percent = round(
+            approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64)
+        )
         return int(max(min(batch_size, five_percent), self.UNet_min_batch_size))
 
     def use_layout_of(self, architecture: dict) -> None:
@@ -108,8 +135,10 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
         name, kwargs = architecture["network_class_name"], architecture["arch_kwargs"]
         short = name.rsplit(".", 1)[-1]
         if short not in ("PlainConvUNet", "ResidualEncoderUNet"):
-            raise HyMUNetError(f"the source plans' network is {name}: hymunet plan derives HyMUNet from nnU-Net's "
-                               "U-Net plans (nnUNetPlans, or a ResEnc planner's plans)")
+            raise HyMUNetError(
+                f"the source plans' network is {name}: hymunet plan derives HyMUNet from nnU-Net's "
+                "U-Net plans (nnUNetPlans, or a ResEnc planner's plans)"
+            )
         encoder = list(kwargs["n_blocks_per_stage" if short == "ResidualEncoderUNet" else "n_conv_per_stage"])
         decoder = list(kwargs.get("n_conv_per_stage_decoder", [2] * (len(encoder) - 1)))
         # the loop may pick more stages than the source had: continue with the deepest entry, as nnU-Net's tuples do
@@ -117,8 +146,15 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
         self.UNet_blocks_per_stage_decoder = tuple(decoder + (decoder[-1:] or [2]) * 16)
         self.unet_layout = RESENC_UNET if short == "ResidualEncoderUNet" else PLAIN_CONV_UNET
 
-    def plan_from_source(self, configuration: dict, approximate_n_voxels_dataset: float, knobs: dict = None,
-                         patch_size=None, batch_size: int = None, where: str = "plan") -> dict:
+    def plan_from_source(
+        self,
+        configuration: dict,
+        approximate_n_voxels_dataset: float,
+        knobs: dict = None,
+        patch_size=None,
+        batch_size: int = None,
+        where: str = "plan",
+    ) -> dict:
         """A HyMUNet configuration from a resolved source configuration (nnU-Net plans), at its spacing and median
         shape. patch_size / batch_size (a preset's) replace the planned ones: the topology is nnU-Net's for that patch,
         which must come out unchanged (divisible by the total stride, deepest feature map at least 4 wide)."""
@@ -127,8 +163,9 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
         spacing = [float(s) for s in configuration["spacing"]]
         median_shape = [float(s) for s in configuration["median_image_size_in_voxels"]]
         if patch_size is None:
-            planned = self.get_plans_for_configuration(spacing, median_shape, configuration["data_identifier"],
-                                                       approximate_n_voxels_dataset, {})
+            planned = self.get_plans_for_configuration(
+                spacing, median_shape, configuration["data_identifier"], approximate_n_voxels_dataset, {}
+            )
             patch, architecture = [int(p) for p in planned["patch_size"]], planned["architecture"]
             batch = planned["batch_size"] if batch_size is None else batch_size
         else:
@@ -140,16 +177,19 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
             memory_target = self.UNet_vram_target_GB
             self.UNet_vram_target_GB = 1e12
             try:
-                planned = self.get_plans_for_configuration(spacing, patch, configuration["data_identifier"],
-                                                           approximate_n_voxels_dataset, {})
+                planned = self.get_plans_for_configuration(
+                    spacing, patch, configuration["data_identifier"], approximate_n_voxels_dataset, {}
+                )
             finally:
                 self.UNet_vram_target_GB = memory_target
             topology_patch = [int(p) for p in planned["patch_size"]]
             if topology_patch != patch:
                 strides = planned["architecture"]["arch_kwargs"]["strides"]
-                raise HyMUNetError(f"{where}.patch_size {patch} does not fit nnU-Net's topology at this spacing: it "
-                                   f"must be divisible by the total stride {np.prod(strides, axis=0).tolist()} "
-                                   f"(nnU-Net's patch for it: {topology_patch})")
+                raise HyMUNetError(
+                    f"{where}.patch_size {patch} does not fit nnU-Net's topology at this spacing: it "
+                    f"must be divisible by the total stride {np.prod(strides, axis=0).tolist()} "
+                    f"(nnU-Net's patch for it: {topology_patch})"
+                )
             architecture, batch = planned["architecture"], batch_size
         if batch is None:
             batch = self.batch_size_for(self.estimate(architecture, patch), patch, approximate_n_voxels_dataset)
@@ -169,4 +209,3 @@ class nnUNetPlannerHyMUNet(ExperimentPlanner):
     @property
     def num_output_channels(self) -> int:
         return len(self.dataset_json["labels"])
-

@@ -36,8 +36,10 @@ def _preprocessed_dataset_folder(dataset: str) -> str:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_preprocessed.is_set():
-        raise HyMUNetError("the environment variable nnUNet_preprocessed is not set (nnU-Net's preprocessed data "
-                           "folder, see nnU-Net's documentation/set_environment_variables.md)")
+        raise HyMUNetError(
+            "the environment variable nnUNet_preprocessed is not set (nnU-Net's preprocessed data "
+            "folder, see nnU-Net's documentation/set_environment_variables.md)"
+        )
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
     except RuntimeError as e:  # nnU-Net's message goes on to list the environment over several lines
@@ -63,8 +65,10 @@ def write_json_atomically(obj, path: str) -> None:
 def _plans_identifier(name: str, flag: str) -> str:
     """A plans identifier is a file name in the dataset's preprocessed folder, never a path out of it."""
     if not isinstance(name, str) or not _PLANS_NAME.match(name) or name.endswith(".json"):
-        raise HyMUNetError(f"{flag} {name!r}: a plans identifier such as nnUNetHyMUNetPlans (letters, digits, '_', "
-                           "'-', '.'; no path, no .json)")
+        raise HyMUNetError(
+            f"{flag} {name!r}: a plans identifier such as nnUNetHyMUNetPlans (letters, digits, '_', "
+            "'-', '.'; no path, no .json)"
+        )
     return name
 
 
@@ -109,8 +113,10 @@ def _planner(dataset_id: str, gpu_memory_gb: float, plans_name: str):
     hint = f"nnU-Net's planners read it; run `nnUNetv2_plan_and_preprocess -d {dataset_id}` first"
     if nnUNet_raw is None:
         raise HyMUNetError(f"the environment variable nnUNet_raw is not set ({hint})")
-    for path in (os.path.join(nnUNet_raw, dataset_id, "dataset.json"),
-                 os.path.join(nnUNet_preprocessed, dataset_id, "dataset_fingerprint.json")):
+    for path in (
+        os.path.join(nnUNet_raw, dataset_id, "dataset.json"),
+        os.path.join(nnUNet_preprocessed, dataset_id, "dataset_fingerprint.json"),
+    ):
         if not os.path.isfile(path):
             raise HyMUNetError(f"{path} not found ({hint})")
     try:
@@ -126,8 +132,9 @@ def plan_configuration(planner, source: dict, name: str, settings: dict, knobs: 
 
     resolved = PlansManager(source).get_configuration(name).configuration
     n_voxels = _approximate_n_voxels(source, name, planner.dataset_json.get("numTraining", 1))
-    configuration = planner.plan_from_source(resolved, n_voxels, knobs, settings.get("patch_size"),
-                                             settings.get("batch_size"), where)
+    configuration = planner.plan_from_source(
+        resolved, n_voxels, knobs, settings.get("patch_size"), settings.get("batch_size"), where
+    )
     recursive_fix_for_json_export(configuration)  # numpy values from nnU-Net's topology functions
     patch, batch = configuration["patch_size"], configuration["batch_size"]
     elements = planner.estimate(configuration["architecture"], patch)
@@ -135,23 +142,34 @@ def plan_configuration(planner, source: dict, name: str, settings: dict, knobs: 
     source_elements = planner.estimate(resolved["architecture"], patch)
     reference, ref_bs = planner.memory_reference(len(patch))
     summary = {
-        "source": {"batch_size": resolved["batch_size"], "patch_size": list(resolved["patch_size"]),
-                   "network": resolved["architecture"]["network_class_name"].rsplit(".", 1)[-1],
-                   "feature_map_elements": source_elements},
+        "source": {
+            "batch_size": resolved["batch_size"],
+            "patch_size": list(resolved["patch_size"]),
+            "network": resolved["architecture"]["network_class_name"].rsplit(".", 1)[-1],
+            "feature_map_elements": source_elements,
+        },
         "hymunet": {"batch_size": batch, "patch_size": patch, "feature_map_elements": elements, "knobs": knobs},
         "fits_target": bool(elements * batch <= reference * ref_bs),
     }
     return configuration, summary
 
 
-def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = None, gpu_memory_gb: float = None,
-                        plans_name: str = None, source_plans: str = None) -> tuple:
+def write_hymunet_plans(
+    dataset: str,
+    configurations=None,
+    preset_path: str = None,
+    gpu_memory_gb: float = None,
+    plans_name: str = None,
+    source_plans: str = None,
+) -> tuple:
     """Write the HyMUNet plans for `dataset` (name or id); returns (plans file, {configuration: summary})."""
     preset = load_preset(preset_path) if preset_path else {}
-    plans_name = _plans_identifier(preset.get("plans_name", DEFAULT_PLANS_NAME) if plans_name is None else plans_name,
-                                   "--plans-name")
+    plans_name = _plans_identifier(
+        preset.get("plans_name", DEFAULT_PLANS_NAME) if plans_name is None else plans_name, "--plans-name"
+    )
     source_plans = _plans_identifier(
-        preset.get("source_plans", DEFAULT_SOURCE_PLANS) if source_plans is None else source_plans, "--source-plans")
+        preset.get("source_plans", DEFAULT_SOURCE_PLANS) if source_plans is None else source_plans, "--source-plans"
+    )
     if gpu_memory_gb is None:  # 0 is a value to refuse, not "use the default"
         gpu_memory_gb = preset.get("gpu_memory_gb", DEFAULT_GPU_MEMORY_GB)
     try:
@@ -170,9 +188,12 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
     if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
         raise HyMUNetError(f"no permission to write {target} (the dataset's nnUNet_preprocessed folder)")
     source_file = os.path.join(folder, source_plans + ".json")
-    source = _load_json(source_file, "source plans", f"Run `nnUNetv2_plan_and_preprocess -d {dataset_id}` first"
-                        + (f" (or pick the planner that writes {source_plans})" if source_plans != "nnUNetPlans"
-                           else ""))
+    source = _load_json(
+        source_file,
+        "source plans",
+        f"Run `nnUNetv2_plan_and_preprocess -d {dataset_id}` first"
+        + (f" (or pick the planner that writes {source_plans})" if source_plans != "nnUNetPlans" else ""),
+    )
 
     plans = deepcopy(source)
     plans["plans_name"] = plans_name
@@ -181,8 +202,9 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
     if configurations:
         missing = [c for c in configurations if c not in available]
         if missing:
-            raise HyMUNetError(f"configuration(s) {', '.join(missing)} not in {source_file} "
-                               f"(available: {', '.join(available)})")
+            raise HyMUNetError(
+                f"configuration(s) {', '.join(missing)} not in {source_file} (available: {', '.join(available)})"
+            )
         chosen = list(configurations)
     else:  # configurations that inherit (3d_cascade_fullres) pick HyMUNet up from their parent
         chosen = [c for c in available if "inherits_from" not in source["configurations"][c]]
@@ -197,7 +219,8 @@ def write_hymunet_plans(dataset: str, configurations=None, preset_path: str = No
         settings = preset_configurations.get(name, {})
         knobs = _merge_knobs(preset.get("hybrid_knobs", {}), settings.get("hybrid_knobs", {}))
         plans["configurations"][name], summaries[name] = plan_configuration(
-            planner, source, name, settings, knobs, where=f"{preset_path or 'plan'}: configurations.{name}")
+            planner, source, name, settings, knobs, where=f"{preset_path or 'plan'}: configurations.{name}"
+        )
 
     write_json_atomically(plans, target)
     return target, summaries

@@ -25,8 +25,7 @@ from importlib import resources
 from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.network.knobs import HybridKnobs
 
-_TOP_KEYS = {"description", "_comment", "plans_name", "source_plans", "gpu_memory_gb", "hybrid_knobs",
-             "configurations"}
+_TOP_KEYS = {"description", "_comment", "plans_name", "source_plans", "gpu_memory_gb", "hybrid_knobs", "configurations"}
 _CONFIGURATION_KEYS = {"_comment", "batch_size", "patch_size", "hybrid_knobs"}
 
 
@@ -65,8 +64,9 @@ def validate_preset(preset, source: str) -> dict:
             raise HyMUNetError(f"{where} must be an object")
         unknown = sorted(set(settings) - _CONFIGURATION_KEYS)
         if unknown:
-            raise HyMUNetError(f"{where}: unknown key(s) {', '.join(unknown)} "
-                               f"(allowed: {', '.join(sorted(_CONFIGURATION_KEYS))})")
+            raise HyMUNetError(
+                f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_CONFIGURATION_KEYS))})"
+            )
         if "batch_size" in settings:
             _positive_int(settings["batch_size"], f"{where}.batch_size")
         if "patch_size" in settings:
@@ -85,7 +85,7 @@ def _bundled_folder():
 
 def bundled_preset_names() -> list:
     """Names of the presets shipped in the package (`hymunet plan --preset NAME`)."""
-    return sorted(entry.name[:-len(".json")] for entry in _bundled_folder().iterdir() if entry.name.endswith(".json"))
+    return sorted(entry.name[: -len(".json")] for entry in _bundled_folder().iterdir() if entry.name.endswith(".json"))
 
 
 def _parse(text: str, source: str) -> dict:
@@ -109,5 +109,6 @@ def load_preset(path: str) -> dict:
     if path in names:
         text = _bundled_folder().joinpath(path + ".json").read_text(encoding="utf-8")
         return _parse(text, f"bundled preset {path}")
-    raise HyMUNetError(f"preset not found: {path!r} is neither a file nor a bundled preset "
-                       f"(bundled: {', '.join(names)})")
+    raise HyMUNetError(
+        f"preset not found: {path!r} is neither a file nor a bundled preset (bundled: {', '.join(names)})"
+    )

@@ -50,8 +50,21 @@ class BlockedScan(torch.autograd.Function):
         dA_per_batch = u.new_empty(batch, dim, n_state)
         dB_parts = u.new_empty(batch, groups, parts, length, n_state)
         dC_parts = u.new_empty(batch, groups, parts, length, n_state)
-        ctx.kernel.backward(u, delta, A, Bt, Ct, checkpoints, dy.contiguous(), dlast.contiguous(), du, ddelta,
-                            dA_per_batch, dB_parts, dC_parts)
+        ctx.kernel.backward(
+            u,
+            delta,
+            A,
+            Bt,
+            Ct,
+            checkpoints,
+            dy.contiguous(),
+            dlast.contiguous(),
+            du,
+            ddelta,
+            dA_per_batch,
+            dB_parts,
+            dC_parts,
+        )
         return (None, *assemble_grads(du, ddelta, dA_per_batch, dB_parts, dC_parts))
 
 

@@ -29,9 +29,25 @@ class Mamba(nn.Module):
     attribute as in mamba_ssm, and `inference_params` of forward() is accepted and ignored (no inference cache).
     """
 
-    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
-                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, use_fast_path=True,
-                 layer_idx=None, device=None, dtype=None):
+    def __init__(
+        self,
+        d_model,
+        d_state=16,
+        d_conv=4,
+        expand=2,
+        dt_rank="auto",
+        dt_min=0.001,
+        dt_max=0.1,
+        dt_init="random",
+        dt_scale=1.0,
+        dt_init_floor=1e-4,
+        conv_bias=True,
+        bias=False,
+        use_fast_path=True,
+        layer_idx=None,
+        device=None,
+        dtype=None,
+    ):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = d_model
@@ -43,13 +59,20 @@ class Mamba(nn.Module):
         self.layer_idx = layer_idx
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
-        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
-                                padding=d_conv - 1, bias=conv_bias, **factory_kwargs)
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=d_conv,
+            groups=self.d_inner,
+            padding=d_conv - 1,
+            bias=conv_bias,
+            **factory_kwargs,
+        )
         self.act = nn.SiLU()
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + d_state * 2, bias=False, **factory_kwargs)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
 
-        dt_init_std = self.dt_rank ** -0.5 * dt_scale
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
         if dt_init == "constant":
             nn.init.constant_(self.dt_proj.weight, dt_init_std)
         elif dt_init == "random":
@@ -57,8 +80,9 @@ class Mamba(nn.Module):
         else:
             raise NotImplementedError(f"dt_init={dt_init!r}")
         # dt ~ logU[dt_min, dt_max]; the bias is its inverse softplus so that softplus(bias) = dt at init
-        dt = torch.exp(torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        dt = torch.exp(
+            torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
         inv_dt = dt + torch.log(-torch.expm1(-dt))
         with torch.no_grad():
             self.dt_proj.bias.copy_(inv_dt)
@@ -91,6 +115,7 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, before softplus
         B = B.transpose(1, 2).contiguous()
         C = C.transpose(1, 2).contiguous()
-        y = selective_scan_fn(x, dt, A, B, C, self.D.to(scan_dtype), z=z, delta_bias=self.dt_proj.bias.to(scan_dtype),
-                              delta_softplus=True)
+        y = selective_scan_fn(
+            x, dt, A, B, C, self.D.to(scan_dtype), z=z, delta_bias=self.dt_proj.bias.to(scan_dtype), delta_softplus=True
+        )
         return self.out_proj(y.transpose(1, 2))

@@ -76,8 +76,11 @@ def _compiler_version(cc: str) -> str:
 def _build(dtype: torch.dtype) -> Path:
     cc = compiler()
     type_name, defines = _TYPES[dtype]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, _compiler_version(cc), repr((FLAGS, ATTEMPTS, defines)),
-                                    _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join(
+            [SOURCE.read_text(), cc, _compiler_version(cc), repr((FLAGS, ATTEMPTS, defines)), _cpu_identity()]
+        ).encode()
+    ).hexdigest()[:16]
     target = cache_dir() / f"scan_native_{type_name}_{key}.so"
     if target.exists():
         return target
@@ -85,8 +88,9 @@ def _build(dtype: torch.dtype) -> Path:
     # build beside the target and rename, so concurrent first uses never load a half-written library
     with atomic_path(str(target), suffix=".so", executable=True) as tmp:
         for extra in ATTEMPTS:
-            result = subprocess.run([cc, *FLAGS, *extra, *defines, str(SOURCE), "-o", tmp], capture_output=True,
-                                    text=True)
+            result = subprocess.run(
+                [cc, *FLAGS, *extra, *defines, str(SOURCE), "-o", tmp], capture_output=True, text=True
+            )
             if result.returncode == 0:
                 break
         else:
@@ -110,8 +114,10 @@ def _library(dtype: torch.dtype):
     lib.scan_backward.argtypes = [_ptr] * 8 + [_i64] * 6 + [_ptr] * 5 + [_i64] * 2 + [ctypes.c_int]
     lib.scan_openmp.restype = ctypes.c_int
     if (lib.scan_block(), lib.scan_chunk()) != (BLOCK, CHUNK):  # the checkpoint layout depends on both
-        return NativeBuildError(f"{SOURCE.name} has BLOCK, CHUNK = {lib.scan_block()}, {lib.scan_chunk()}, "
-                                f"this module expects {BLOCK}, {CHUNK}")
+        return NativeBuildError(
+            f"{SOURCE.name} has BLOCK, CHUNK = {lib.scan_block()}, {lib.scan_chunk()}, "
+            f"this module expects {BLOCK}, {CHUNK}"
+        )
     return lib
 
 
@@ -185,11 +191,28 @@ class _NativeKernel:
     def forward(u, delta, A, Bt, Ct, save, y, last_state):
         (batch, dim, length), groups, n_state = u.shape, Bt.shape[1], A.shape[1]
         blocks_per_group = -(-(dim // groups) // BLOCK)
-        checkpoints = (u.new_empty(batch, groups, blocks_per_group, -(-length // CHUNK), n_state, BLOCK) if save
-                       else u.new_empty(0))
+        checkpoints = (
+            u.new_empty(batch, groups, blocks_per_group, -(-length // CHUNK), n_state, BLOCK)
+            if save
+            else u.new_empty(0)
+        )
         lib = _kernels(u.dtype)
-        args = (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), batch, dim, length, n_state, groups, int(save), _p(y),
-                _p(last_state), _p(checkpoints))
+        args = (
+            _p(u),
+            _p(delta),
+            _p(A),
+            _p(Bt),
+            _p(Ct),
+            batch,
+            dim,
+            length,
+            n_state,
+            groups,
+            int(save),
+            _p(y),
+            _p(last_state),
+            _p(checkpoints),
+        )
         _run_ranges(lib, lib.scan_forward, args, batch * groups * blocks_per_group)
         return checkpoints
 
@@ -197,8 +220,27 @@ class _NativeKernel:
     def backward(u, delta, A, Bt, Ct, checkpoints, dy, dlast, du, ddelta, dA_per_batch, dB_parts, dC_parts):
         (batch, dim, length), (groups, parts), n_state = u.shape, dB_parts.shape[1:3], A.shape[1]
         lib = _kernels(u.dtype)
-        args = (_p(u), _p(delta), _p(A), _p(Bt), _p(Ct), _p(dy), _p(dlast), _p(checkpoints), batch, dim, length,
-                n_state, groups, parts, _p(du), _p(ddelta), _p(dA_per_batch), _p(dB_parts), _p(dC_parts))
+        args = (
+            _p(u),
+            _p(delta),
+            _p(A),
+            _p(Bt),
+            _p(Ct),
+            _p(dy),
+            _p(dlast),
+            _p(checkpoints),
+            batch,
+            dim,
+            length,
+            n_state,
+            groups,
+            parts,
+            _p(du),
+            _p(ddelta),
+            _p(dA_per_batch),
+            _p(dB_parts),
+            _p(dC_parts),
+        )
         _run_ranges(lib, lib.scan_backward, args, batch * groups * parts)
 
 

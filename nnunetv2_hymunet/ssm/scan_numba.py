@@ -135,7 +135,7 @@ BLOCK = 32
 def _load_block(src, b, d0, width, t0, steps, out):
     """out[k, w] = src[b, d0 + w, t0 + k] for w < width (lanes >= width keep their zeros)."""
     for w in range(width):
-        column = src[b, d0 + w, t0:t0 + steps]
+        column = src[b, d0 + w, t0 : t0 + steps]
         for k in range(steps):
             out[k, w] = column[k]
 
@@ -143,7 +143,7 @@ def _load_block(src, b, d0, width, t0, steps, out):
 @numba.njit(**_HELPER_FLAGS)
 def _store_block(values, b, d0, width, t0, steps, dst):
     for w in range(width):
-        column = dst[b, d0 + w, t0:t0 + steps]
+        column = dst[b, d0 + w, t0 : t0 + steps]
         for k in range(steps):
             column[k] = values[k, w]
 
@@ -204,14 +204,23 @@ def _chunk_scratch(like, chunk, n_state, block):
     x, x_in, decays, k_scratch, scale_scratch and states (zeroed: the state before the first step)."""
     dtype = like.dtype
     planes = [np.empty((chunk, n_state, block), dtype=dtype) for _ in range(5)]
-    return (np.zeros((chunk, block), dtype=dtype), np.zeros((chunk, block), dtype=dtype),
-            np.empty((chunk, block), dtype=dtype), planes[0], planes[1], planes[2], planes[3], planes[4],
-            np.zeros((chunk + 1, n_state, block), dtype=dtype))
+    return (
+        np.zeros((chunk, block), dtype=dtype),
+        np.zeros((chunk, block), dtype=dtype),
+        np.empty((chunk, block), dtype=dtype),
+        planes[0],
+        planes[1],
+        planes[2],
+        planes[3],
+        planes[4],
+        np.zeros((chunk + 1, n_state, block), dtype=dtype),
+    )
 
 
 @numba.njit(**_HELPER_FLAGS)
-def _chunk_scan(u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays, k_scratch,
-                scale_scratch, states):
+def _chunk_scan(
+    u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays, k_scratch, scale_scratch, states
+):
     """Loads the block's delta and u for steps t0..t0+steps-1 into dt, ut (and dtu = dt * u), computes the decays and
     advances states[0] (the state before step t0) into states[1..steps]. Shared by the forward and the backward's
     recomputation, so both see bit-identical states."""
@@ -248,8 +257,27 @@ def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, block, save_checkpoi
                 for w in range(width):
                     for n in range(n_state):
                         checkpoints[b, d0 + w, t0 // chunk, n] = states[0, n, w]  # state before step t0
-            _chunk_scan(u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays, k_scratch,
-                        scale_scratch, states)
+            _chunk_scan(
+                u,
+                delta,
+                A_block,
+                Bt,
+                b,
+                g,
+                d0,
+                width,
+                t0,
+                steps,
+                dt,
+                ut,
+                dtu,
+                x,
+                x_in,
+                decays,
+                k_scratch,
+                scale_scratch,
+                states,
+            )
             # y_t = C_t . h_t, accumulated over n into one row of block lanes per step
             y_block[:] = 0
             for k in range(steps):
@@ -267,8 +295,25 @@ def _forward_kernel(u, delta, A, Bt, Ct, group_size, chunk, block, save_checkpoi
 
 
 @numba.njit(**_KERNEL_FLAGS)
-def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, chunk, block, parts_per_group,
-                     du, ddelta, dA_per_batch, dB_parts, dC_parts):
+def _backward_kernel(
+    u,
+    delta,
+    A,
+    Bt,
+    Ct,
+    dy,
+    dlast,
+    checkpoints,
+    group_size,
+    chunk,
+    block,
+    parts_per_group,
+    du,
+    ddelta,
+    dA_per_batch,
+    dB_parts,
+    dC_parts,
+):
     """Adjoint sweep. dA_per_batch (b, d, N); dB_parts, dC_parts (b, G, parts_per_group, L, N).
 
     A task owns one part of a group's channel blocks; chunks are visited outermost, in reverse, so that the part's
@@ -321,8 +366,27 @@ def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, checkpoints, group_size, ch
                 for w in range(width):
                     for n in range(n_state):
                         states[0, n, w] = checkpoints[b, d0 + w, c, n]
-                _chunk_scan(u, delta, A_block, Bt, b, g, d0, width, t0, steps, dt, ut, dtu, x, x_in, decays,
-                            k_scratch, scale_scratch, states)
+                _chunk_scan(
+                    u,
+                    delta,
+                    A_block,
+                    Bt,
+                    b,
+                    g,
+                    d0,
+                    width,
+                    t0,
+                    steps,
+                    dt,
+                    ut,
+                    dtu,
+                    x,
+                    x_in,
+                    decays,
+                    k_scratch,
+                    scale_scratch,
+                    states,
+                )
                 # grads[k] = g_t = adjoint_{t+1} + dy_t C_t, and adjoint_t = a_t g_t (grads reuses x's buffer)
                 grads = x
                 for k in range(steps):
@@ -432,16 +496,46 @@ class _NumbaKernel:
     def forward(u, delta, A, Bt, Ct, save, y, last_state):
         (batch, dim, length), groups = u.shape, Bt.shape[1]
         checkpoints = u.new_empty(batch, dim, -(-length // CHUNK) if save else 1, A.shape[1])
-        _launch(_forward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dim // groups, CHUNK,
-                BLOCK, save, y.numpy(), last_state.numpy(), checkpoints.numpy())
+        _launch(
+            _forward_kernel,
+            u.numpy(),
+            delta.numpy(),
+            A.numpy(),
+            Bt.numpy(),
+            Ct.numpy(),
+            dim // groups,
+            CHUNK,
+            BLOCK,
+            save,
+            y.numpy(),
+            last_state.numpy(),
+            checkpoints.numpy(),
+        )
         return checkpoints
 
     @staticmethod
     def backward(u, delta, A, Bt, Ct, checkpoints, dy, dlast, du, ddelta, dA_per_batch, dB_parts, dC_parts):
         dim, groups, parts = u.shape[1], dB_parts.shape[1], dB_parts.shape[2]
-        _launch(_backward_kernel, u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy.numpy(),
-                dlast.numpy(), checkpoints.numpy(), dim // groups, CHUNK, BLOCK, parts, du.numpy(), ddelta.numpy(),
-                dA_per_batch.numpy(), dB_parts.numpy(), dC_parts.numpy())
+        _launch(
+            _backward_kernel,
+            u.numpy(),
+            delta.numpy(),
+            A.numpy(),
+            Bt.numpy(),
+            Ct.numpy(),
+            dy.numpy(),
+            dlast.numpy(),
+            checkpoints.numpy(),
+            dim // groups,
+            CHUNK,
+            BLOCK,
+            parts,
+            du.numpy(),
+            ddelta.numpy(),
+            dA_per_batch.numpy(),
+            dB_parts.numpy(),
+            dC_parts.numpy(),
+        )
 
 
 def selective_scan_core_numba(u, delta, A, B, C):

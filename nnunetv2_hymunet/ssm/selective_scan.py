@@ -78,8 +78,10 @@ def resolve_backend(device: torch.device, requested: str = None) -> str:
         return "torch"
     if requested == "cuda":
         if mamba_ssm_kernel() is None:
-            raise HyMUNetError(f"{ENV_VAR}=cuda but mamba_ssm's CUDA kernel does not import "
-                               "(install the [cuda] extra on a machine with CUDA)")
+            raise HyMUNetError(
+                f"{ENV_VAR}=cuda but mamba_ssm's CUDA kernel does not import "
+                "(install the [cuda] extra on a machine with CUDA)"
+            )
         if device.type != "cuda":
             raise HyMUNetError(f"{ENV_VAR}=cuda but the tensors are on {device}, not on a CUDA device")
     if requested == "native":
@@ -91,8 +93,10 @@ def resolve_backend(device: torch.device, requested: str = None) -> str:
         if device.type != "cpu":
             raise HyMUNetError(f"{ENV_VAR}=numba runs on CPU tensors only, got tensors on {device}")
         if not numba_available():
-            raise HyMUNetError(f"{ENV_VAR}=numba but numba does not import "
-                               "(it is an optional extra: pip install 'nnunetv2-hymunet[numba]')")
+            raise HyMUNetError(
+                f"{ENV_VAR}=numba but numba does not import "
+                "(it is an optional extra: pip install 'nnunetv2-hymunet[numba]')"
+            )
     return requested
 
 
@@ -119,16 +123,19 @@ def _as_grouped(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     raise ValueError(f"{name} must be (batch, N, L) or (batch, G, N, L), got shape {tuple(x.shape)}")
 
 
-def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False):
+def selective_scan_fn(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
     """Selective scan (Mamba S6) with mamba_ssm's semantics.
 
     u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,).
     Returns out (batch, dim, L) in u's dtype, and the last state (batch, dim, N) in the compute dtype when
     return_last_state. The recurrence runs in float32 (float64 for float64 inputs), also under autocast.
     """
-    if _counting and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                           for t in (u, delta, A, B, C, D, z, delta_bias))):
+    if _counting and not (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    ):
         out, last_state = _counted_scan_op()(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
         return (out, last_state) if return_last_state else out
     return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -167,8 +174,16 @@ def _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_
 _counting = False
 
 
-def selective_scan_flops(batch: int, dim: int, length: int, d_state: int, D: bool = False, z: bool = False,
-                         delta_bias: bool = False, delta_softplus: bool = False) -> int:
+def selective_scan_flops(
+    batch: int,
+    dim: int,
+    length: int,
+    d_state: int,
+    D: bool = False,
+    z: bool = False,
+    delta_bias: bool = False,
+    delta_softplus: bool = False,
+) -> int:
     """Forward FLOPs of one selective scan call, a multiply, an add or an exp counting one FLOP.
 
     Per (batch, channel, token, state), 7: exp(delta * A) 2, B * (delta * u) 1, the state update
@@ -198,9 +213,17 @@ def _counted_scan_op():
     from torch.utils.flop_counter import register_flop_formula
 
     @torch.library.custom_op("hymunet::selective_scan", mutates_args=())
-    def selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                          D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                          delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def selective_scan_op(
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: Optional[torch.Tensor],
+        z: Optional[torch.Tensor],
+        delta_bias: Optional[torch.Tensor],
+        delta_softplus: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, last_state = _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
         return out, last_state
 
@@ -212,7 +235,8 @@ def _counted_scan_op():
     @register_flop_formula(torch.ops.hymunet.selective_scan)
     def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_shape=None, **kwargs):
         # shapes, not tensors (flop_counter's shape_wrapper); None where an optional input is absent
-        return selective_scan_flops(u[0], u[1], u[2], A[1], D is not None, z is not None, delta_bias is not None,
-                                    delta_softplus)
+        return selective_scan_flops(
+            u[0], u[1], u[2], A[1], D is not None, z is not None, delta_bias is not None, delta_softplus
+        )
 
     return selective_scan_op

@@ -19,8 +19,9 @@ from torch import nn
 def _max_pool(x: torch.Tensor) -> torch.Tensor:
     pool = {4: F.max_pool2d, 5: F.max_pool3d}.get(x.ndim)
     if pool is None:
-        raise ValueError(f"expected a (batch, channel, *spatial) tensor with 2 or 3 spatial axes, got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"expected a (batch, channel, *spatial) tensor with 2 or 3 spatial axes, got shape {tuple(x.shape)}"
+        )
     return pool(x, kernel_size=3, stride=1, padding=1)
 
 
@@ -76,8 +77,10 @@ class BoundaryLoss(nn.Module):
             foreground = target == classes  # one-hot without background; the ignore label matches no class
             probabilities = torch.softmax(net_output.float(), 1)[:, 1:]
         if foreground.shape != probabilities.shape:
-            raise ValueError(f"target shape {tuple(foreground.shape)} does not match the network output "
-                             f"{tuple(probabilities.shape)} (after removing background / ignore channels)")
+            raise ValueError(
+                f"target shape {tuple(foreground.shape)} does not match the network output "
+                f"{tuple(probabilities.shape)} (after removing background / ignore channels)"
+            )
         phi = truncated_signed_distance(foreground, self.distance_cap)
         weighted = probabilities * phi
         if valid is None:

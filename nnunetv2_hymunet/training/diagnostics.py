@@ -24,7 +24,7 @@ def _plain_name(name: str) -> str:
     """Parameter name without the prefixes of torch.compile (_orig_mod.) and DDP (module.)."""
     for prefix in ("_orig_mod.", "module."):
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 
@@ -72,8 +72,11 @@ class GroupDiagnostics:
         """{group: {"grad_norm": mean over this epoch's steps, "update_ratio": ..., "n_params": ...}}."""
         result = {}
         for group, params in self.groups.items():
-            entry = {"n_params": int(sum(p.numel() for p in params)), "grad_norm": float("nan"),
-                     "update_ratio": float("nan")}
+            entry = {
+                "n_params": int(sum(p.numel() for p in params)),
+                "grad_norm": float("nan"),
+                "update_ratio": float("nan"),
+            }
             if group in self._grad_norm_sum and self._steps:
                 entry["grad_norm"] = float(self._grad_norm_sum[group]) / self._steps
             if self._snapshot is not None:
@@ -88,10 +91,10 @@ class GroupDiagnostics:
 
 
 def format_log_line(entry: Dict[str, Dict[str, float]]) -> str:
-    parts = [f"{g}: grad norm {v['grad_norm']:.3g}, update ratio {v['update_ratio']:.3g}"
-             for g, v in entry.items()]
-    return "Parameter groups (mean gradient norm per step, ||w_end - w_start|| / ||w_start|| this epoch): " + \
-        "; ".join(parts)
+    parts = [f"{g}: grad norm {v['grad_norm']:.3g}, update ratio {v['update_ratio']:.3g}" for g, v in entry.items()]
+    return "Parameter groups (mean gradient norm per step, ||w_end - w_start|| / ||w_start|| this epoch): " + "; ".join(
+        parts
+    )
 
 
 def plot_history(history: List[Optional[dict]], output_folder: str) -> str:
@@ -103,8 +106,10 @@ def plot_history(history: List[Optional[dict]], output_folder: str) -> str:
 
     groups = sorted({g for entry in history if entry for g in entry}, key=lambda g: (g not in WATCH_GROUPS, g))
     fig, axes = plt.subplots(2, 1, figsize=(10, 9), sharex=True)
-    for ax, key, label in ((axes[0], "grad_norm", "mean gradient norm per step"),
-                           (axes[1], "update_ratio", "update ratio ||Δw|| / ||w|| per epoch")):
+    for ax, key, label in (
+        (axes[0], "grad_norm", "mean gradient norm per step"),
+        (axes[1], "update_ratio", "update ratio ||Δw|| / ||w|| per epoch"),
+    ):
         for group in groups:
             values = [entry[group][key] if entry and group in entry else np.nan for entry in history]
             values = [v if v and np.isfinite(v) and v > 0 else np.nan for v in values]

@@ -71,12 +71,20 @@ class HybridOptimizer(torch.optim.Optimizer):
         for group in param_groups:
             algorithm = group.get("algorithm")
             if algorithm not in ALGORITHMS:
-                raise HyMUNetError(f"parameter group {group.get('name', '?')!r}: algorithm={algorithm!r} is not one "
-                                   f"of {', '.join(ALGORITHMS)}")
+                raise HyMUNetError(
+                    f"parameter group {group.get('name', '?')!r}: algorithm={algorithm!r} is not one "
+                    f"of {', '.join(ALGORITHMS)}"
+                )
             if not (math.isfinite(group.get("lr", float("nan"))) and group["lr"] >= 0):
                 raise HyMUNetError(f"parameter group {group.get('name', '?')!r}: lr must be a finite number >= 0")
-        defaults = {"lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 0.0, "betas": (0.9, 0.999),
-                    "eps": 1e-8}
+        defaults = {
+            "lr": 1e-2,
+            "momentum": 0.99,
+            "nesterov": True,
+            "weight_decay": 0.0,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+        }
         super().__init__(param_groups, defaults)
 
     @torch.no_grad()
@@ -127,8 +135,8 @@ class HybridOptimizer(torch.optim.Optimizer):
             exp_avg, exp_avg_sq, grad = state["exp_avg"], state["exp_avg_sq"], p.grad
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias_correction1 = 1 - beta1 ** step
-            bias_correction2 = 1 - beta2 ** step
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
             denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
             p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 

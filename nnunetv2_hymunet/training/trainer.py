@@ -39,8 +39,14 @@ class nnUNetTrainerHyMUNet(nnUNetTrainer):
     mamba_betas: tuple = (0.9, 0.999)
     mamba_warmup_fraction: float = 0.02  # linear warm-up over this fraction of the epochs (at least one epoch)
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         for name, value in self.training_schedule().items():
             if not hasattr(self, name):
@@ -52,10 +58,21 @@ class nnUNetTrainerHyMUNet(nnUNetTrainer):
         return dict(self.schedule)
 
     @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True):
-        return build_hymunet(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision,
-                             knob_overrides=cls.hybrid_knobs)
+    def build_network_architecture(
+        cls,
+        plans_manager,
+        configuration_manager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ):
+        return build_hymunet(
+            configuration_manager,
+            num_input_channels,
+            num_output_channels,
+            enable_deep_supervision,
+            knob_overrides=cls.hybrid_knobs,
+        )
 
     def mamba_warmup_epochs(self) -> int:
         return max(1, math.ceil(self.mamba_warmup_fraction * self.num_epochs)) if self.mamba_warmup_fraction else 0
@@ -63,13 +80,31 @@ class nnUNetTrainerHyMUNet(nnUNetTrainer):
     def optimizer_param_groups(self) -> list:
         """The HybridOptimizer groups: the CNN with nnU-Net's SGD, the Mamba layers with AdamW (decay / no decay)."""
         split = split_parameters(self.network)
-        groups = [{"name": "cnn", "params": [p for _, p in split["cnn"]], "algorithm": "sgd",
-                   "lr": self.initial_lr, "momentum": 0.99, "nesterov": True, "weight_decay": self.weight_decay}]
+        groups = [
+            {
+                "name": "cnn",
+                "params": [p for _, p in split["cnn"]],
+                "algorithm": "sgd",
+                "lr": self.initial_lr,
+                "momentum": 0.99,
+                "nesterov": True,
+                "weight_decay": self.weight_decay,
+            }
+        ]
         for name, weight_decay in (("mamba", self.mamba_weight_decay), ("mamba_no_decay", 0.0)):
             if split[name]:
-                groups.append({"name": name, "params": [p for _, p in split[name]], "algorithm": "adamw",
-                               "lr": self.mamba_lr, "betas": tuple(self.mamba_betas), "eps": 1e-8,
-                               "weight_decay": weight_decay, "warmup_epochs": self.mamba_warmup_epochs()})
+                groups.append(
+                    {
+                        "name": name,
+                        "params": [p for _, p in split[name]],
+                        "algorithm": "adamw",
+                        "lr": self.mamba_lr,
+                        "betas": tuple(self.mamba_betas),
+                        "eps": 1e-8,
+                        "weight_decay": weight_decay,
+                        "warmup_epochs": self.mamba_warmup_epochs(),
+                    }
+                )
         return groups
 
     def configure_optimizers(self):
@@ -98,10 +133,15 @@ class nnUNetTrainerHyMUNet(nnUNetTrainer):
         cm = self.configuration_manager
         if is_hymunet(cm.network_arch_class_name):
             return 1.0
-        planned = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                         cm.network_arch_init_kwargs_req_import, self.num_input_channels,
-                                         self.label_manager.num_segmentation_heads, allow_init=False,
-                                         deep_supervision=True)
+        planned = get_network_from_plans(
+            cm.network_arch_class_name,
+            cm.network_arch_init_kwargs,
+            cm.network_arch_init_kwargs_req_import,
+            self.num_input_channels,
+            self.label_manager.num_segmentation_heads,
+            allow_init=False,
+            deep_supervision=True,
+        )
         network = self.network.module if self.is_ddp else self.network
         network = getattr(network, "_orig_mod", network)
         patch = cm.patch_size
@@ -123,17 +163,22 @@ class nnUNetTrainerHyMUNet(nnUNetTrainer):
                 f"sized for (patch {self.configuration_manager.patch_size}, batch {self.batch_size}); it may not fit "
                 "in the GPU memory nnU-Net planned for. Fix: `hymunet plan -d "
                 f"{self.plans_manager.dataset_name} -c {self.configuration_name}` sizes patch and batch for HyMUNet; "
-                "then train with `-p nnUNetHyMUNetPlans`.", also_print_to_console=True)
+                "then train with `-p nnUNetHyMUNetPlans`.",
+                also_print_to_console=True,
+            )
         else:
-            self.print_to_log_file(f"HyMUNet activation memory: {ratio:.2f}x the estimate of the network these plans "
-                                   "were sized for")
+            self.print_to_log_file(
+                f"HyMUNet activation memory: {ratio:.2f}x the estimate of the network these plans were sized for"
+            )
         return ratio
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         if len(self.optimizer.param_groups) > 1:
-            self.print_to_log_file("Learning rate per parameter group: " + ", ".join(
-                f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups)))
+            self.print_to_log_file(
+                "Learning rate per parameter group: "
+                + ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups))
+            )
         self.param_group_diagnostics.start_epoch()
 
     def on_train_epoch_end(self, train_outputs):

@@ -12,31 +12,37 @@ from nnunetv2_hymunet.training.trainer import nnUNetTrainerHyMUNet
 
 class nnUNetTrainerHyMUNet_noMGF(nnUNetTrainerHyMUNet):
     """Plain U-Net skips (concatenation) instead of Mamba-Guided Fusion."""
+
     hybrid_knobs = {"fusion": "concat"}
 
 
 class nnUNetTrainerHyMUNet_noMamba(nnUNetTrainerHyMUNet):
     """Same topology with the Mamba layers removed: a purely convolutional control."""
+
     hybrid_knobs = {"n_mamba_stages": 0}
 
 
 class nnUNetTrainerHyMUNet_flat(nnUNetTrainerHyMUNet):
     """Raster scan order only."""
+
     hybrid_knobs = {"scan": "flat"}
 
 
 class nnUNetTrainerHyMUNet_bidir(nnUNetTrainerHyMUNet):
     """Raster scan and its reverse."""
+
     hybrid_knobs = {"scan": "bidir"}
 
 
 class nnUNetTrainerHyMUNet_cross(nnUNetTrainerHyMUNet):
     """All axis orders and their reverses (HyMUNet's default, named explicitly for ablation tables)."""
+
     hybrid_knobs = {"scan": "cross"}
 
 
 class nnUNetTrainerHyMUNet_nnUNetSGD(nnUNetTrainerHyMUNet):
     """nnU-Net's single SGD over every parameter, Mamba layers included (the recipe before the Mamba group)."""
+
     mamba_optimizer = "sgd"
 
 
@@ -88,12 +94,12 @@ class nnUNetTrainerHyMUNet_demo(nnUNetTrainerHyMUNet):
     HYMUNET_ITERATIONS, HYMUNET_VAL_ITERATIONS, HYMUNET_SAVE_EVERY), read when the trainer starts. Prediction does
     not depend on them.
     """
+
     schedule = {"num_epochs": 10, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5, "save_every": 5}
 
     def training_schedule(self) -> dict:
         values = {**self.schedule, **read_schedule(DEMO_SCHEDULE_ENV)}
-        self.print_to_log_file(f"{type(self).__name__} schedule: " +
-                               ", ".join(f"{k}={v}" for k, v in values.items()))
+        self.print_to_log_file(f"{type(self).__name__} schedule: " + ", ".join(f"{k}={v}" for k, v in values.items()))
         return values
 
 
@@ -108,14 +114,18 @@ class nnUNetTrainerHyMUNet_BoundaryLoss(nnUNetTrainerHyMUNet):
     the boundary term refines its contour. The term is applied at every deep-supervision scale (with the same
     distance cap in voxels of that scale), honours regions and the ignore label.
     """
+
     boundary_weight_max = 0.5
     boundary_ramp_fraction = 0.5
     boundary_distance_cap = 8
 
     def _build_loss(self):
         loss = super()._build_loss()
-        boundary = BoundaryLoss(regions=self.label_manager.has_regions, ignore_label=self.label_manager.ignore_label,
-                                distance_cap=self.boundary_distance_cap)
+        boundary = BoundaryLoss(
+            regions=self.label_manager.has_regions,
+            ignore_label=self.label_manager.ignore_label,
+            distance_cap=self.boundary_distance_cap,
+        )
         if isinstance(loss, DeepSupervisionWrapper):
             loss.loss = WithBoundaryTerm(loss.loss, boundary)
             self._boundary_term = loss.loss

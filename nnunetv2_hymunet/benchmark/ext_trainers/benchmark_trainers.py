@@ -35,8 +35,14 @@ def seed_everything(seed: int) -> None:
 
 
 def _bench_class(base, name: str, seed):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         for attribute, value in read_schedule(SCHEDULE_ENV).items():
             setattr(self, attribute, value)
