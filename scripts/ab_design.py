@@ -70,22 +70,16 @@ def long_range_plans(side: int):
 
 def make_trainer(arm: str, plans: dict, dataset_json: dict, workdir: str, num_epochs: int):
     import nnunetv2_hymunet.training as training
+    from nnunetv2_hymunet.benchmark.learning_check import initialized_trainer
 
     class_name, knobs, attributes = ARMS[arm]
     base = getattr(training, class_name)
     cls = type(f"{class_name}_ab", (base,), {"hybrid_knobs": {**base.hybrid_knobs, **knobs}, **attributes})
-    os.environ["nnUNet_results"] = os.path.join(workdir, "results")
-    os.environ["nnUNet_preprocessed"] = os.path.join(workdir, "preprocessed")
-    folder = os.path.join(workdir, "preprocessed", plans["dataset_name"], "nnUNetPlans_2d")
-    os.makedirs(folder, exist_ok=True)
-    open(os.path.join(folder, "case.b2nd"), "w").close()  # initialize() infers the dataset format from the files
-    trainer = cls(dict(plans, continue_training=False), "2d", 0, dataset_json, torch.device("cpu"))
-    trainer.num_epochs = num_epochs
+    before = {"num_epochs": num_epochs}
     if plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["n_stages"] < 3:
         # one deep-supervision output, whose weight nnU-Net zeroes and normalises (0/0): train it without
-        trainer.enable_deep_supervision = False
-    trainer.initialize()
-    return trainer
+        before["enable_deep_supervision"] = False
+    return initialized_trainer(cls, plans, dataset_json, workdir, attributes=before)
 
 
 def cases(seed: int, n: int, side: int):
@@ -103,10 +97,10 @@ def cases(seed: int, n: int, side: int):
 
 def batch_stream(trainer, seed: int, side: int, batch_size: int = 2):
     """Endless batches with random flips / quarter turns, targets at every deep-supervision scale."""
+    from nnunetv2_hymunet.benchmark.learning_check import training_target
     from nnunetv2_hymunet.benchmark.suite import long_range_case
 
     rng = np.random.default_rng(seed)
-    scales = trainer._get_deep_supervision_scales() if trainer.enable_deep_supervision else [[1, 1]]
     while True:
         images, labels = [], []
         for _ in range(batch_size):
@@ -121,13 +115,7 @@ def batch_stream(trainer, seed: int, side: int, batch_size: int = 2):
             labels.append(label.copy())
         data = torch.from_numpy(np.stack(images)[:, None])
         seg = torch.from_numpy(np.stack(labels)[:, None].astype(np.float32))
-        target = [
-            seg
-            if all(s == 1 for s in scale)
-            else torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
-            for scale in scales
-        ]
-        yield {"data": data, "target": target if trainer.enable_deep_supervision else target[0]}
+        yield {"data": data, "target": training_target(trainer, seg)}
 
 
 @torch.no_grad()

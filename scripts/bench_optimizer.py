@@ -9,7 +9,6 @@ start, norms at its end) is counted once per `--iterations-per-epoch` steps (nnU
 """
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -17,33 +16,15 @@ import numpy as np
 import torch
 
 
-def _trainer(trainer_class, plan, workdir):
-    os.environ["nnUNet_results"] = os.path.join(workdir, "results")
-    os.environ["nnUNet_preprocessed"] = os.path.join(workdir, "preprocessed")
-    configuration = plan.configuration_dict
-    folder = os.path.join(workdir, "preprocessed", plan.plans["dataset_name"], configuration["data_identifier"])
-    os.makedirs(folder, exist_ok=True)
-    open(os.path.join(folder, "case.b2nd"), "w").close()  # initialize() infers the dataset format from the files
-    trainer = trainer_class(
-        dict(plan.plans, continue_training=False), plan.configuration, 0, plan.dataset_json, torch.device("cpu")
-    )
-    trainer.initialize()
-    return trainer
-
-
 def _batch(trainer, plan):
+    from nnunetv2_hymunet.benchmark.learning_check import training_target
+
     configuration = plan.configuration_dict
     patch = configuration["patch_size"]
     n_in = len(plan.dataset_json["channel_names"])
     data = torch.randn(configuration["batch_size"], n_in, *patch)
     seg = (torch.rand(configuration["batch_size"], 1, *patch) > 0.5).float()
-    target = [
-        seg
-        if all(s == 1 for s in scale)
-        else torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
-        for scale in trainer._get_deep_supervision_scales()
-    ]
-    return {"data": data, "target": target}
+    return {"data": data, "target": training_target(trainer, seg)}
 
 
 def _timed(fn) -> float:
@@ -53,6 +34,7 @@ def _timed(fn) -> float:
 
 
 def main(argv=None):
+    from nnunetv2_hymunet.benchmark.learning_check import initialized_trainer
     from nnunetv2_hymunet.benchmark.presets import preset_plan
     from nnunetv2_hymunet.training import nnUNetTrainerHyMUNet
 
@@ -66,7 +48,7 @@ def main(argv=None):
     plan = preset_plan(args.plan)
     with tempfile.TemporaryDirectory() as workdir:
         torch.manual_seed(0)
-        trainer = _trainer(nnUNetTrainerHyMUNet, plan, workdir)
+        trainer = initialized_trainer(nnUNetTrainerHyMUNet, plan.plans, plan.dataset_json, workdir, plan.configuration)
         network = trainer.network
         sgd = torch.optim.SGD(
             network.parameters(), trainer.initial_lr, weight_decay=trainer.weight_decay, momentum=0.99, nesterov=True

@@ -38,8 +38,11 @@ def small_2d_plans(side: int = 32, features=(8, 16, 32, 32)) -> tuple:
     return plans, dataset_json
 
 
-def initialized_trainer(trainer_class, plans: dict, dataset_json: dict, workdir: str, configuration: str = "2d"):
-    """`trainer_class` initialised on `plans` without a dataset on disk (for train_step on hand-made batches)."""
+def initialized_trainer(
+    trainer_class, plans: dict, dataset_json: dict, workdir: str, configuration: str = "2d", attributes: dict = None
+):
+    """`trainer_class` initialised on `plans` without a dataset on disk (for train_step on hand-made batches);
+    `attributes` are set on the trainer before it initialises (e.g. num_epochs, enable_deep_supervision)."""
     os.environ["nnUNet_results"] = os.path.join(workdir, "results")
     os.environ["nnUNet_preprocessed"] = os.path.join(workdir, "preprocessed")
     identifier = plans["configurations"][configuration]["data_identifier"]
@@ -47,14 +50,28 @@ def initialized_trainer(trainer_class, plans: dict, dataset_json: dict, workdir:
     os.makedirs(folder, exist_ok=True)
     open(os.path.join(folder, "case.b2nd"), "w").close()  # initialize() infers the dataset format from the files
     trainer = trainer_class(dict(plans, continue_training=False), configuration, 0, dataset_json, torch.device("cpu"))
+    for name, value in (attributes or {}).items():
+        setattr(trainer, name, value)
     trainer.initialize()
     return trainer
+
+
+def training_target(trainer, seg: torch.Tensor):
+    """A (batch, 1, *spatial) label map as the trainer's loss takes it: one map per deep-supervision scale, or the
+    map itself when deep supervision is off."""
+    if not trainer.enable_deep_supervision:
+        return seg
+    return [
+        seg
+        if all(s == 1 for s in scale)
+        else torch.nn.functional.interpolate(seg, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+        for scale in trainer._get_deep_supervision_scales()
+    ]
 
 
 def square_batches(trainer, n: int, seed: int = 0, size: int = 32, batch_size: int = 2) -> list:
     """Images with one bright square labelled 1, targets at every deep-supervision scale of `trainer`."""
     rng = np.random.default_rng(seed)
-    scales = trainer._get_deep_supervision_scales()
     batches = []
     for _ in range(n):
         data = rng.normal(0, 0.3, (batch_size, 1, size, size)).astype(np.float32)
@@ -64,14 +81,7 @@ def square_batches(trainer, n: int, seed: int = 0, size: int = 32, batch_size: i
             side = rng.integers(6, 11)
             data[b, 0, y : y + side, x : x + side] += 1.5
             seg[b, 0, y : y + side, x : x + side] = 1
-        seg_t = torch.from_numpy(seg)
-        targets = [
-            torch.nn.functional.interpolate(seg_t, scale_factor=tuple(float(s) for s in scale), mode="nearest")
-            if any(s != 1 for s in scale)
-            else seg_t
-            for scale in scales
-        ]
-        batches.append({"data": torch.from_numpy(data), "target": targets})
+        batches.append({"data": torch.from_numpy(data), "target": training_target(trainer, torch.from_numpy(seg))})
     return batches
 
 
