@@ -223,6 +223,9 @@ def main(argv=None):
     parser.add_argument("--side", type=int, default=SIDE, help="image side in px (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    for flag in ("steps", "steps_per_epoch", "eval_cases", "side"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.output, exist_ok=True)

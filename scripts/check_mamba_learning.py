@@ -23,6 +23,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    unknown = [name for name in args.trainers if name not in training.__all__]
+    if unknown:
+        parser.error(f"-tr {' '.join(unknown)}: not a HyM-UNet trainer (one of {', '.join(training.__all__)})")
+    if args.steps < 1:
+        parser.error("--steps must be a positive integer")
     rows = []
     for name in args.trainers:
         changes = gradient_driven_change(getattr(training, name), args.steps, args.seed)
