@@ -34,7 +34,6 @@ def collect_report() -> dict:
         "CUDA device visible": torch.cuda.is_available(),
         "nnunetv2": _version("nnunetv2"),
         "dynamic-network-architectures": _version("dynamic-network-architectures"),
-        "numba (optional CPU fallback)": _version("numba", "not installed (pip install 'nnunetv2-hymunet[numba]')"),
         "mamba-ssm": _version("mamba-ssm"),
         "causal-conv1d": _version("causal-conv1d"),
         "mamba_ssm CUDA kernel importable": selective_scan.mamba_ssm_kernel() is not None,

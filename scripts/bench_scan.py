@@ -4,12 +4,11 @@ For each (d_inner, L) cell a fresh subprocess warms every method up, then times 
 forward+backward in interleaved rounds and reports medians. Peak memory is the RSS high-water mark of one call above
 the RSS before it, measured by nnunetv2_hymunet.benchmark.profiling.CpuPeakMemory as `hymunet profile` does
 (malloc_trim, then /proc/self/clear_refs resets VmHWM; tracemalloc does not see torch's allocations). Also measures
-the first call (compilation) of native and numba with an empty cache and with the cache.
+the first call (compilation) of native with an empty cache and with the cache.
 
-`native` is the C kernel (compiled on first use, before any timing), `numba` the same algorithm compiled by numba,
-`torch` the chunked pure-PyTorch scan. `indexing_reference` re-does mamba_ssm's selective_scan_ref op sequence
-(index x[:, :, i] inside the loop), which is what CPU users of mamba_ssm get today; its backward is O(L^2), so it
-only runs where it finishes in reasonable time.
+`native` is the C kernel (compiled on first use, before any timing), `torch` the chunked pure-PyTorch scan.
+`indexing_reference` re-does mamba_ssm's selective_scan_ref op sequence (index x[:, :, i] inside the loop), which is
+what CPU users of mamba_ssm get today; its backward is O(L^2), so it only runs where it finishes in reasonable time.
 
     python scripts/bench_scan.py                       # full grid, markdown tables on stdout
     python scripts/bench_scan.py --dims 256 --lengths 256 --repeats 3
@@ -27,7 +26,7 @@ import time
 from nnunetv2_hymunet.benchmark.profiling import CpuPeakMemory
 from nnunetv2_hymunet.fs_safety import atomic_write_text
 
-METHODS = ("reference", "native", "numba", "torch", "indexing_reference")
+METHODS = ("reference", "native", "torch", "indexing_reference")
 # indexing_reference: (mode -> largest L it runs at); its fwd+bwd at d=256, L=1024 takes ~45 s
 INDEXING_LIMITS = {"fwd": 1024, "fwdbwd": 256}
 
@@ -53,8 +52,6 @@ def _core(method):
         from nnunetv2_hymunet.ssm.scan_reference import selective_scan_core_reference as core
     elif method == "native":
         from nnunetv2_hymunet.ssm.scan_native import selective_scan_core_native as core
-    elif method == "numba":
-        from nnunetv2_hymunet.ssm.scan_numba import selective_scan_core_numba as core
     else:
         from nnunetv2_hymunet.ssm.scan_torch import selective_scan_core_torch as core
     return core
@@ -131,7 +128,7 @@ def first_call_seconds(method):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     times = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache, HYMUNET_CACHE_DIR=cache, PYTHONPATH=root)
+        env = dict(os.environ, HYMUNET_CACHE_DIR=cache, PYTHONPATH=root)
         for label in ("cold (empty cache)", "cached"):
             out = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True
@@ -153,7 +150,7 @@ def print_tables(results, dims, lengths, methods):
         for method in methods:
             cells = [_fmt_cell(results[(d, L)][method].get(mode)) for d, L in cols]
             print(f"| {method} | " + " | ".join(cells) + " |")
-        for fast in ("native", "numba", "torch"):
+        for fast in ("native", "torch"):
             if fast not in methods:
                 continue
             ratios = []
@@ -199,13 +196,12 @@ def main():
             print(f"done d={d} L={L} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     print(f"load average after: {os.getloadavg()}")
     print_tables(results, args.dims, args.lengths, args.methods)
-    for method in ("native", "numba"):
-        if method in args.methods:
-            first = first_call_seconds(method)
-            print(
-                f"\n{method} import + first fwd+bwd call (float32, d=64, L=300): "
-                + ", ".join(f"{k}: {v:.1f} s" for k, v in first.items())
-            )
+    if "native" in args.methods:
+        first = first_call_seconds("native")
+        print(
+            "\nnative import + first fwd+bwd call (float32, d=64, L=300): "
+            + ", ".join(f"{k}: {v:.1f} s" for k, v in first.items())
+        )
     if args.json:
         atomic_write_text(args.json, json.dumps({f"{d},{L}": v for (d, L), v in results.items()}, indent=1))
     return 0

@@ -40,7 +40,7 @@ def prepare_venv(venv, install_torch):
     if install_torch:
         _run(pip + ["-c", os.path.join(ROOT, "scripts", "constraints-cpu.txt"), "torch"])
     else:
-        # chain the current environment's site-packages (torch, numba, ...) behind the scratch venv's own
+        # chain the current environment's site-packages (torch, ...) behind the scratch venv's own
         site = subprocess.run(
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             capture_output=True,
@@ -103,7 +103,7 @@ def compare():
             return [out, last] + [x.grad for x in xs]
 
         theirs = run(selective_scan_ref)
-        for backend in ("reference", "native", "numba", "torch"):
+        for backend in ("reference", "native", "torch"):
             os.environ[ENV_VAR] = backend
             ours = run(selective_scan_fn)
             errs = {name: rel_err(o, t) for name, o, t in zip(names, ours, theirs)}
@@ -123,7 +123,7 @@ def compare():
     x_theirs = x.clone().requires_grad_()
     out_theirs = theirs(x_theirs)
     out_theirs.square().mean().backward()
-    for backend in ("reference", "native", "numba", "torch"):
+    for backend in ("reference", "native", "torch"):
         os.environ[ENV_VAR] = backend
         x_ours = x.clone().requires_grad_()
         out_ours = ours(x_ours)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or updates) the project's virtual environment in .venv and installs the package with its test extra
-# (pytest, ruff, hatchling for the wheel test, and numba so that the optional numba backend is tested too).
+# (pytest, ruff, and hatchling for the wheel test).
 # Idempotent: a second run only re-checks the install. Override the location with HYMUNET_VENV.
 # CPU machines get the matched torch/torchvision pair from scripts/constraints-cpu.txt; set
 # HYMUNET_TORCH_CONSTRAINTS=none on a GPU machine that already has its CUDA torch in the venv.

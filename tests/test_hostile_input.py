@@ -935,16 +935,6 @@ def test_missing_subcommand_kind(capsys):
     refused(["convert"], capsys, "KIND", code=2)
 
 
-def test_numba_cache_follows_hymunet_cache_dir(tmp_path):
-    """The numba fallback wrote its cache into the installed package."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    env["HYMUNET_CACHE_DIR"] = str(tmp_path / "cache")
-    code = "import numba, nnunetv2_hymunet.ssm.scan_numba; print(numba.config.CACHE_DIR)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(tmp_path / "cache" / "numba")
-
-
 # ================================================================ permissions follow the umask
 
 

@@ -14,7 +14,7 @@ from nnunetv2_hymunet.ssm.selective_scan import ENV_VAR, resolve_backend
 
 
 def _available_cpu_backends():
-    names = ["reference", "torch", "native", "numba"]
+    names = ["reference", "torch", "native"]
     out = []
     for name in names:
         try:

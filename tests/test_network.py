@@ -287,7 +287,7 @@ def test_initialize_keeps_mamba_init():
 
 
 def test_state_dict_loads_across_scan_backends(monkeypatch):
-    from nnunetv2_hymunet.ssm.selective_scan import numba_available
+    from nnunetv2_hymunet.ssm.selective_scan import native_build_error
 
     torch.manual_seed(0)
     kwargs = plans_kwargs(2, (4, 8, 8, 8), [[1, 1], [2, 2], [2, 2], [2, 2]])
@@ -298,7 +298,7 @@ def test_state_dict_loads_across_scan_backends(monkeypatch):
     with torch.no_grad():
         reference = saved(x)
     state = copy.deepcopy(saved.state_dict())
-    backends = ["torch"] + (["numba"] if numba_available() else [])
+    backends = ["torch"] + (["native"] if native_build_error() is None else [])
     for backend in backends:
         monkeypatch.setenv("HYMUNET_SCAN_BACKEND", backend)
         loaded = hymunet(input_channels=3, num_classes=2, n_mamba_stages=3, **kwargs)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nnunetv2_hymunet.ssm import Mamba
 from nnunetv2_hymunet.ssm.selective_scan import ENV_VAR
 
-BACKENDS = ["reference", "numba", "torch"]
+BACKENDS = ["reference", "native", "torch"]
 
 # mamba_ssm 2.3.2.post1 Mamba(d_model=256).state_dict(), in its own order (research/selective-scan-cpu.md, section 3)
 MAMBA_SSM_STATE_DICT_256 = [
@@ -74,7 +74,7 @@ def test_same_outputs_and_gradients_on_every_backend(dtype, tol, monkeypatch):
     x = torch.randn(2, 77, 32, dtype=dtype)
     reference = forward_backward(module, x, "reference", monkeypatch)
     names = ["out", "dx"] + [n for n, _ in module.named_parameters()]
-    for backend in ("numba", "torch"):
+    for backend in ("native", "torch"):
         results = forward_backward(module, x, backend, monkeypatch)
         for name, got, ref in zip(names, results, reference):
             assert got is not None and torch.isfinite(got).all(), f"{backend} {name}"
@@ -96,7 +96,7 @@ def test_network_level_usage(backend, monkeypatch):
 
 
 def test_bf16_autocast_module(monkeypatch):
-    monkeypatch.setenv(ENV_VAR, "numba")
+    monkeypatch.setenv(ENV_VAR, "native")
     torch.manual_seed(1)
     module = Mamba(32)
     x = torch.randn(2, 50, 32)

@@ -14,9 +14,9 @@ from nnunetv2_hymunet.errors import HyMUNetError
 from nnunetv2_hymunet.ssm import resolve_backend, selective_scan_fn
 from nnunetv2_hymunet.ssm.selective_scan import ENV_VAR, mamba_ssm_kernel
 
-FAST_CPU_BACKENDS = ["native", "numba", "torch"]
+FAST_CPU_BACKENDS = ["native", "torch"]
 # (batch, dim, L, N, groups); groups=None means B, C given as (batch, N, L). L=130, 37 and 100 are no multiple of any
-# chunk size (native and numba checkpoint every 16 steps, the torch scan uses chunks of ceil(sqrt(L))). dim=70 in 2
+# chunk size (native checkpoints every 16 steps, the torch scan uses chunks of ceil(sqrt(L))). dim=70 in 2
 # groups puts a full block of 32 lanes and a 3-channel remainder block into each group.
 SHAPES = [(2, 6, 37, 4, None), (1, 4, 1, 3, 2), (2, 6, 130, 5, 3), (3, 5, 64, 16, None), (2, 70, 100, 16, 2)]
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -196,13 +196,11 @@ def test_autocast_runs_recurrence_in_float32(backend, monkeypatch):
 
 def test_auto_backend_and_impossible_requests(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    # the C kernel wherever a compiler is found (it must then build), else numba (installed by the test extra)
+    # the C kernel wherever a compiler is found (it must then build), else the torch scan
     compilers = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
     has_compiler = any(shutil.which(cc) for cc in compilers)
-    assert resolve_backend(torch.device("cpu")) == ("native" if has_compiler else "numba")
+    assert resolve_backend(torch.device("cpu")) == ("native" if has_compiler else "torch")
     assert resolve_backend(torch.device("cpu"), "torch") == "torch"
-    with pytest.raises(HyMUNetError, match="numba runs on CPU tensors only"):
-        resolve_backend(torch.device("cuda"), "numba")
     with pytest.raises(HyMUNetError, match="native runs on CPU tensors only"):
         resolve_backend(torch.device("cuda"), "native")
     if mamba_ssm_kernel() is None:
@@ -220,27 +218,22 @@ def test_auto_backend_and_impossible_requests(monkeypatch):
         resolve_backend(torch.device("cpu"))
 
 
-def test_numba_follows_torch_thread_count(monkeypatch):
-    import numba
-
-    from nnunetv2_hymunet.ssm import scan_numba
-
-    inputs = make_inputs(17, 1, 4, 20, 4, None, torch.float32)
-    monkeypatch.setenv(ENV_VAR, "numba")
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        selective_scan_fn(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
-        assert numba.get_num_threads() == 1
-        assert scan_numba._num_threads() == 1
-    finally:
-        torch.set_num_threads(previous)
+@pytest.mark.parametrize("how", ["environment", "argument"])
+def test_unknown_backend_names_the_valid_choices(how, monkeypatch):
+    """The numba backend was removed: asking for it is an unknown name, from the environment or as an argument."""
+    valid = "is not one of auto, cuda, native, torch, reference"
+    monkeypatch.setenv(ENV_VAR, "numba" if how == "environment" else "auto")
+    with pytest.raises(HyMUNetError, match=f"{ENV_VAR}='numba' {valid}"):
+        resolve_backend(torch.device("cpu"), None if how == "environment" else "numba")
+    if how == "environment":
+        u = torch.randn(1, 2, 3)
+        with pytest.raises(HyMUNetError, match=valid):
+            selective_scan_fn(u, u, torch.randn(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
 
 
-@pytest.mark.parametrize("backend", ["native", "numba"])
-def test_cpu_kernel_works_in_forked_worker(backend):
-    """DataLoader workers are forked from a process that may already have run the kernel (numba's thread pool, or
-    the native kernel's worker threads, which a forked child does not inherit)."""
+def test_cpu_kernel_works_in_forked_worker():
+    """DataLoader workers are forked from a process that may already have run the kernel (the native kernel's worker
+    threads, which a forked child does not inherit)."""
     script = textwrap.dedent("""
         import multiprocessing as mp, os, sys, torch
         os.environ["HYMUNET_SCAN_BACKEND"] = sys.argv[1]
@@ -254,7 +247,6 @@ def test_cpu_kernel_works_in_forked_worker(backend):
             return selective_scan_fn(u, u.sigmoid(), -torch.rand(4, 3, generator=g), B, B)
 
         def child(queue):
-            import numba  # importing (and running) numba in a forked child must work
             queue.put(scan().sum().item())
 
         if __name__ == "__main__":
@@ -271,7 +263,7 @@ def test_cpu_kernel_works_in_forked_worker(backend):
     env = dict(os.environ)
     env.pop(ENV_VAR, None)
     result = subprocess.run(
-        [sys.executable, "-c", script, backend], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", script, "native"], capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0 and "fork ok" in result.stdout, result.stdout + result.stderr
 
@@ -337,12 +329,19 @@ def test_native_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cc", ["no-such-compiler", "false"])
-def test_native_without_a_working_compiler_falls_back_to_numba(cc, tmp_path):
+def test_native_without_a_working_compiler_falls_back_to_torch(cc, tmp_path):
     script = textwrap.dedent("""
-        import torch
+        import os, sys, torch
         from nnunetv2_hymunet.errors import HyMUNetError
-        from nnunetv2_hymunet.ssm import resolve_backend
-        assert resolve_backend(torch.device("cpu")) == "numba", resolve_backend(torch.device("cpu"))
+        from nnunetv2_hymunet.ssm import resolve_backend, selective_scan_fn
+        assert resolve_backend(torch.device("cpu")) == "torch", resolve_backend(torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        u, B = torch.randn(2, 4, 40, generator=g), torch.randn(2, 3, 40, generator=g)
+        args = (u, u.sigmoid(), -torch.rand(4, 3, generator=g), B, B)
+        fallback = selective_scan_fn(*args)
+        os.environ["HYMUNET_SCAN_BACKEND"] = "reference"
+        torch.testing.assert_close(fallback, selective_scan_fn(*args))
+        assert "numba" not in sys.modules  # nothing imports it, installed or not
         try:
             resolve_backend(torch.device("cpu"), "native")
         except HyMUNetError as e:

@@ -1,5 +1,5 @@
-"""What the native (C) and numba CPU kernels share on the torch side: they scan blocks of channels that share B and C,
-so they take the same input layout, split the backward's work the same way and return the same partial gradients."""
+"""The torch side of the native (C) CPU kernel: it scans blocks of channels that share B and C; this module lays out
+its inputs, splits the backward's work into parts and assembles the gradients from its partial sums."""
 
 import torch
 

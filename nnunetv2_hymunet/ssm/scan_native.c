@@ -1,11 +1,11 @@
 /* Fused CPU selective scan, compiled on first use by scan_native.py (once per scalar type: -DSCAN_DOUBLE selects
  * double, float otherwise).
  *
- * Same algorithm as scan_numba.py: channels are scanned in blocks of BLOCK lanes that share B and C, so a block's state
- * is an (N, BLOCK) plane and every inner loop runs over contiguous lanes. The hot loops are written with explicit
- * vectors of VL lanes (GCC / clang vector extensions, any target): for each vector of lanes the loop over the N states
- * runs inside, so the sums over n (y_t, and the backward's du / ddelta terms) stay in registers and each step is one
- * fused pass (decay, state update, output), where numba needs one pass per array it writes.
+ * Channels are scanned in blocks of BLOCK lanes that share B and C, so a block's state is an (N, BLOCK) plane and every
+ * inner loop runs over contiguous lanes. The hot loops are written with explicit vectors of VL lanes (GCC / clang
+ * vector extensions, any target): for each vector of lanes the loop over the N states runs inside, so the sums over n
+ * (y_t, and the backward's du / ddelta terms) stay in registers and each step is one fused pass (decay, state update,
+ * output).
  *
  * Forward: a task is one (batch, group, block); only y, the last state and one checkpoint per CHUNK steps are written.
  * Backward: a task is one (batch, group, part of the group's blocks); chunks are visited in reverse, a chunk's decays

@@ -4,7 +4,7 @@ The library is built once per scalar type with `-O3 -march=native` and cached un
 $HYMUNET_CACHE_DIR (default: $XDG_CACHE_HOME/nnunetv2_hymunet or ~/.cache/nnunetv2_hymunet), keyed by the source, the
 compiler, the flags and the CPU, so a home directory shared by different machines gets one build per CPU. The compiler
 is $CC, else the first of cc, gcc, clang on PATH. Where none works, `build_error()` says why and the dispatcher uses
-the numba kernel instead (when the [numba] extra is installed), else the torch scan.
+the torch scan instead.
 
 Threads follow torch's intra-op setting (which users and nnU-Net already tune). Built with OpenMP, the library splits
 the tasks over OpenMP's pool, which is torch's own; without OpenMP the task ranges run on a small Python thread pool
@@ -30,9 +30,9 @@ from nnunetv2_hymunet.ssm.blocked_scan import BlockedScan, check_cpu_inputs
 SOURCE = Path(__file__).with_name("scan_native.c")
 BLOCK = 32  # lanes per block and steps per checkpoint, as in scan_native.c (checked when the library loads)
 CHUNK = 16
-# -ffp-contract=fast: fused multiply-adds in the vector code (as numba's "contract"). -fopenmp runs the tasks in
-# OpenMP's thread pool (torch's, see scan_native.c). Compilers that reject a flag get the next attempt: without OpenMP
-# (Apple clang; the tasks then run on a Python thread pool), then also without -march=native (older clang on arm64).
+# -ffp-contract=fast: fused multiply-adds in the vector code. -fopenmp runs the tasks in OpenMP's thread pool (torch's,
+# see scan_native.c). Compilers that reject a flag get the next attempt: without OpenMP (Apple clang; the tasks then
+# run on a Python thread pool), then also without -march=native (older clang on arm64).
 FLAGS = ("-O3", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC")
 ATTEMPTS = (("-march=native", "-fopenmp"), ("-march=native",), ())
 _TYPES = {torch.float32: ("float", []), torch.float64: ("double", ["-DSCAN_DOUBLE"])}

@@ -1,15 +1,13 @@
 """`selective_scan_fn`: mamba_ssm's signature and semantics, dispatched to the best backend for the tensors.
 
-Backends (environment variable HYMUNET_SCAN_BACKEND=auto|cuda|native|numba|torch|reference, default auto):
+Backends (environment variable HYMUNET_SCAN_BACKEND=auto|cuda|native|torch|reference, default auto):
 - cuda: mamba_ssm's fused CUDA kernel; needs mamba_ssm's compiled extension and CUDA tensors.
 - native: the fused CPU kernel in C, compiled on first use with the system C compiler (CPU tensors).
-- numba: the same algorithm compiled by numba, for machines without a working C compiler (CPU tensors; needs the
-  optional extra: pip install 'nnunetv2-hymunet[numba]').
 - torch: a chunked pure-PyTorch scan (any device).
 - reference: the plain sequential loop (tests and benchmarks).
-auto picks cuda for CUDA tensors when mamba_ssm imports; for CPU tensors native when it builds, else numba when numba
-imports, else torch.
-Asking for a backend that cannot run on the given tensors raises instead of silently falling back.
+auto picks cuda for CUDA tensors when mamba_ssm imports; for CPU tensors native when it builds, else torch.
+Asking for a backend that cannot run on the given tensors raises instead of silently falling back; a name outside
+BACKENDS raises too.
 
 FLOPs: `counting_scan_flops()` routes the scan's forward through the torch custom op `hymunet::selective_scan`,
 whose FLOP formula (`selective_scan_flops`) is registered with torch.utils.flop_counter, so FlopCounterMode counts the
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 
 from nnunetv2_hymunet.errors import HyMUNetError
 
-BACKENDS = ("auto", "cuda", "native", "numba", "torch", "reference")
+BACKENDS = ("auto", "cuda", "native", "torch", "reference")
 ENV_VAR = "HYMUNET_SCAN_BACKEND"
 
 
@@ -41,15 +39,6 @@ def mamba_ssm_kernel():
 
 
 @functools.lru_cache(maxsize=None)
-def numba_available() -> bool:
-    try:
-        from nnunetv2_hymunet.ssm import scan_numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
 def native_build_error():
     """None when the C kernel builds (or is already cached) and loads here, else why not."""
     from nnunetv2_hymunet.ssm import scan_native
@@ -57,24 +46,26 @@ def native_build_error():
     return scan_native.build_error()
 
 
-def requested_backend() -> str:
-    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+def _checked_name(name: str) -> str:
+    name = name.strip().lower() or "auto"
     if name not in BACKENDS:
         raise HyMUNetError(f"{ENV_VAR}={name!r} is not one of {', '.join(BACKENDS)}")
     return name
 
 
+def requested_backend() -> str:
+    return _checked_name(os.environ.get(ENV_VAR, "auto"))
+
+
 def resolve_backend(device: torch.device, requested: str = None) -> str:
-    """The backend that will run for tensors on `device` (raises if `requested` cannot run there)."""
-    requested = requested or requested_backend()
+    """The backend that will run for tensors on `device` (raises if `requested` is unknown or cannot run there)."""
+    requested = _checked_name(requested) if requested else requested_backend()
     device = torch.device(device)
     if requested == "auto":
         if device.type == "cuda" and mamba_ssm_kernel() is not None:
             return "cuda"
         if device.type == "cpu" and native_build_error() is None:
             return "native"
-        if device.type == "cpu" and numba_available():
-            return "numba"
         return "torch"
     if requested == "cuda":
         if mamba_ssm_kernel() is None:
@@ -89,14 +80,6 @@ def resolve_backend(device: torch.device, requested: str = None) -> str:
             raise HyMUNetError(f"{ENV_VAR}=native runs on CPU tensors only, got tensors on {device}")
         if native_build_error() is not None:
             raise HyMUNetError(f"{ENV_VAR}=native but the C kernel cannot be built here: {native_build_error()}")
-    if requested == "numba":
-        if device.type != "cpu":
-            raise HyMUNetError(f"{ENV_VAR}=numba runs on CPU tensors only, got tensors on {device}")
-        if not numba_available():
-            raise HyMUNetError(
-                f"{ENV_VAR}=numba but numba does not import "
-                "(it is an optional extra: pip install 'nnunetv2-hymunet[numba]')"
-            )
     return requested
 
 
@@ -105,8 +88,6 @@ def _core_for(backend: str):
         from nnunetv2_hymunet.ssm.scan_reference import selective_scan_core_reference as core
     elif backend == "native":
         from nnunetv2_hymunet.ssm.scan_native import selective_scan_core_native as core
-    elif backend == "numba":
-        from nnunetv2_hymunet.ssm.scan_numba import selective_scan_core_numba as core
     else:
         from nnunetv2_hymunet.ssm.scan_torch import selective_scan_core_torch as core
     return core
