@@ -103,7 +103,7 @@ def test_mamba_layer_matches_previous_implementation(scan, n_dims, merge, layer_
 
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("gate_norm", ["instance", "none", "channel"])
-@pytest.mark.parametrize("channels", [6, 20])  # one chunk of gate channels, and 8 + 8 + 4
+@pytest.mark.parametrize("channels", [6, 20])  # one chunk of gate channels and 8 + 8 + 4 where chunks apply
 def test_mgf_matches_previous_implementation(dim, gate_norm, channels):
     conv_op, norm_op = (nn.Conv2d, nn.InstanceNorm2d) if dim == 2 else (nn.Conv3d, nn.InstanceNorm3d)
     mgf = MambaGuidedFusion(conv_op, channels, norm_op, {"eps": 1e-5, "affine": True}, True, gate_norm).double()
