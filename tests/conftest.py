@@ -63,6 +63,32 @@ def run_cli(command: list, env: dict, timeout: float = 600) -> str:
             return f.read()
 
 
+def predict_command(dataset: dict, output: str, configuration: str, trainer: str, *extra: str) -> list:
+    """nnUNetv2_predict on the dataset's imagesTs with fold 0 on the CPU, in the main process (-npp 0 -nps 0)."""
+    return [
+        "nnUNetv2_predict",
+        "-i",
+        os.path.join(dataset["raw"], "imagesTs"),
+        "-o",
+        output,
+        "-d",
+        str(dataset["id"]),
+        "-c",
+        configuration,
+        "-tr",
+        trainer,
+        "-f",
+        "0",
+        "-device",
+        "cpu",
+        "-npp",
+        "0",
+        "-nps",
+        "0",
+        *extra,
+    ]
+
+
 def fake_preprocessed_dataset(root, monkeypatch, dataset: str):
     """nnUNet_raw / _preprocessed / _results under `root` (a pathlib.Path), set in the environment, holding one
     "preprocessed" 2d dataset (plans, one data file, gt_segmentations) that nnU-Net never reads: for the benchmark

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import executable, run_cli
+from conftest import executable, predict_command, run_cli
 from PIL import Image
 
 from nnunetv2_hymunet.cli import main as hymunet_main
@@ -76,28 +76,7 @@ def default_backend_prediction(resumed_training, tmp_path_factory):
     dataset = resumed_training["dataset"]
     output = str(tmp_path_factory.mktemp("pred_default"))
     run_cli(
-        [
-            "nnUNetv2_predict",
-            "-i",
-            os.path.join(dataset["raw"], "imagesTs"),
-            "-o",
-            output,
-            "-d",
-            str(dataset["id"]),
-            "-c",
-            "2d",
-            "-tr",
-            TRAINER,
-            "-f",
-            "0",
-            "-device",
-            "cpu",
-            "-npp",
-            "0",
-            "-nps",
-            "0",
-            "--save_probabilities",
-        ],
+        predict_command(dataset, output, "2d", TRAINER, "--save_probabilities"),
         dataset["env"],
     )
     return output
@@ -188,29 +167,7 @@ def test_stock_trainer_trains_and_predicts_hymunet_through_the_plans_route(plann
 
     output = str(tmp_path / "pred")
     run_cli(
-        [
-            "nnUNetv2_predict",
-            "-i",
-            os.path.join(dataset["raw"], "imagesTs"),
-            "-o",
-            output,
-            "-d",
-            str(dataset["id"]),
-            "-c",
-            "2d",
-            "-p",
-            "nnUNetHyMUNetPlans",
-            "-tr",
-            "nnUNetTrainer",
-            "-f",
-            "0",
-            "-device",
-            "cpu",
-            "-npp",
-            "0",
-            "-nps",
-            "0",
-        ],
+        predict_command(dataset, output, "2d", "nnUNetTrainer", "-p", "nnUNetHyMUNetPlans"),
         dataset["env"],
     )
     assert len([f for f in os.listdir(output) if f.endswith(".png")]) == len(

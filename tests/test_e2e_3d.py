@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import predict_command, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,27 +27,7 @@ def test_3d_fullres_train_npz_predict_find_best(planned_tiny_3d, tmp_path):
 
     output = str(tmp_path / "pred")
     run_cli(
-        [
-            "nnUNetv2_predict",
-            "-i",
-            os.path.join(dataset["raw"], "imagesTs"),
-            "-o",
-            output,
-            "-d",
-            str(dataset["id"]),
-            "-c",
-            "3d_fullres",
-            "-tr",
-            TRAINER,
-            "-f",
-            "0",
-            "-device",
-            "cpu",
-            "-npp",
-            "0",
-            "-nps",
-            "0",
-        ],
+        predict_command(dataset, output, "3d_fullres", TRAINER),
         dataset["env"],
     )
     for name in os.listdir(os.path.join(dataset["raw"], "imagesTs")):
