@@ -9,33 +9,22 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.residual import StackedResidualBlocks
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_hymunet.network.mamba_layer import MambaLayer, effective_expand
-
-
-class RecomputedSkip(nn.Sequential):
-    """A residual block's projection skip (ResNet-D: avg-pool, 1x1 conv, norm), recomputed in backward.
-
-    Kept as is, its norm keeps the 1x1 conv's output for backward: one extra full-width map per block, which
-    PlainConvUNet does not have. Its input is the block input, which the block's first conv keeps anyway, so
-    recomputing costs only a 1x1 conv and a norm. Same children, so the same state_dict keys and values.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return checkpoint(super().forward, x, use_reentrant=False)
-        return super().forward(x)
+from nnunetv2_hymunet.network.projection_skip import FoldedNormSkip, RecomputedSkip, can_fold
 
 
 def recompute_projection_skips(blocks: StackedResidualBlocks) -> None:
-    """Swap each BasicBlockD's projection skip for a RecomputedSkip (not when a norm tracks running statistics:
-    recomputing would update them twice)."""
+    """Swap each BasicBlockD's projection skip for a FoldedNormSkip (InstanceNorm without running statistics: the
+    norm folded into the 1x1 conv) or else a RecomputedSkip (not when a norm tracks running statistics: recomputing
+    would update them twice)."""
     for block in blocks.blocks:
         skip = getattr(block, "skip", None)
-        if isinstance(skip, nn.Sequential) and not any(
-            getattr(m, "track_running_stats", False) for m in skip.modules()
-        ):
+        if not isinstance(skip, nn.Sequential):
+            continue
+        if can_fold(skip):
+            block.skip = FoldedNormSkip(*skip)
+        elif not any(getattr(m, "track_running_stats", False) for m in skip.modules()):
             block.skip = RecomputedSkip(*skip)
 
 
@@ -170,7 +159,9 @@ class HybridEncoder(nn.Module):
             size_out = [i // j for i, j in zip(size, stride)]
             for i, block in enumerate(stage.blocks.blocks):
                 output += block.compute_conv_feature_map_size(size if i == 0 else size_out)
-                if isinstance(block.skip, RecomputedSkip):  # DNA counts the skip conv, which keeps nothing here
+                # DNA counts the skip conv's output; a RecomputedSkip keeps nothing, a FoldedNormSkip only the
+                # block's input (kept by its first conv anyway) and per-channel statistics
+                if isinstance(block.skip, RecomputedSkip):
                     output -= np.int64(block.output_channels) * np.prod(size_out, dtype=np.int64)
             size = size_out
             for layer in stage.mamba_layers:
