@@ -98,6 +98,26 @@ def test_two_stage_networks_train_without_deep_supervision():
     assert cls({"strides": [[1, 1], [2, 2], [2, 2]]}, "2d", 0, {}).enable_deep_supervision
 
 
+def test_copies_honour_omp_num_threads_on_the_cpu(monkeypatch):
+    """nnUNetv2_train sets torch's CPU threads to the CPU count; side-by-side benchmark runs need OMP_NUM_THREADS."""
+    cls = benchmark_trainers._bench_class(_RecordingTrainer, "_RecordingTrainer_bench", None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        cls({}, "2d", 0, {}, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        cls({}, "2d", 0, {}, torch.device("cuda"))  # not on a GPU: nnU-Net's own choice stands
+        assert torch.get_num_threads() == 2
+        for value in ("", "0", "two"):
+            monkeypatch.setenv("OMP_NUM_THREADS", value)
+            cls({}, "2d", 0, {}, torch.device("cpu"))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_read_schedule():
     environ = {"HYMUNET_BENCH_EPOCHS": "3", "HYMUNET_BENCH_ITERATIONS": " "}
     assert read_schedule(SCHEDULE_ENV, environ) == {"num_epochs": 3}

@@ -11,6 +11,7 @@ subprocesses (to predict with such a model later, add it yourself: `export nnUNe
   start of `initialize`), so two seeds of one model differ in initial weights and in the augmentation draws
   (with nnUNet_n_proc_DA=0 the augmentation runs in the main process and draws from the seeded generators).
 - A network of two stages trains without deep supervision (nnU-Net's weights would give it a NaN loss).
+- On the CPU, an explicit OMP_NUM_THREADS sets torch's threads (nnUNetv2_train would use every CPU).
 - Everything else, network included, is the base trainer's.
 
 Copies are made on first access (a module `__getattr__`, which nnU-Net's class search reaches through `hasattr`), for
@@ -18,6 +19,7 @@ every base trainer nnU-Net can find: its own, ours, and those in `nnUNet_extTrai
 module of this folder, so it holds only this one.
 """
 
+import os
 import random
 
 import numpy as np
@@ -34,6 +36,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # all devices
 
 
+def honour_omp_num_threads(device) -> None:
+    """On the CPU, nnUNetv2_train sets torch's threads to the machine's CPU count, whatever OMP_NUM_THREADS says. A
+    benchmark that runs trainings side by side sets OMP_NUM_THREADS (e.g. 1 each): several processes with one OpenMP
+    thread per CPU each spin at their barriers against each other, and networks with many small parallel regions
+    (HyM-UNet's) slow down several times more than plain conv nets. Honoured only when it is a positive integer."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if torch.device(device).type == "cpu" and value.isdigit() and int(value) > 0:
+        torch.set_num_threads(int(value))
+
+
 def _bench_class(base, name: str, seed):
     def __init__(
         self,
@@ -44,6 +56,7 @@ def _bench_class(base, name: str, seed):
         device: torch.device = torch.device("cuda"),
     ):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
+        honour_omp_num_threads(device)
         for attribute, value in read_schedule(SCHEDULE_ENV).items():
             setattr(self, attribute, value)
         self.save_every = max(1, min(self.save_every, self.num_epochs))
