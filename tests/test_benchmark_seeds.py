@@ -397,3 +397,11 @@ def test_run_summary_is_small(nnunet_folders):
     assert summary["blob_class"]["accuracy"] == 1.0 and len(summary["validation"]["per_case"]) == 12
     assert os.path.getsize(path) < 40_000  # committed with the study
     assert run_summary(run)["curves"]["train_losses"][-1] == pytest.approx(0.1)
+
+
+def test_run_summary_numbers_accept_numpy_and_tensor_scalars():
+    """nnU-Net's logger holds np.float32 Dice values: they were written as None, so every curve came out empty."""
+    from nnunetv2_hymunet.benchmark.study import _rounded
+
+    values = [np.float32(0.5), np.float64(0.25), 1, torch.tensor(0.125), float("nan"), np.float32("inf"), None, "x"]
+    assert _rounded(values) == [0.5, 0.25, 1.0, 0.125, None, None, None, None]

@@ -270,8 +270,16 @@ def _dataset_entry(
 
 
 def _rounded(values, digits: int = 4) -> list:
-    """Rounded numbers; None for anything not a finite number (JSON has no NaN)."""
-    return [round(float(v), digits) if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
+    """Rounded numbers; None for anything not a finite number (JSON has no NaN). nnU-Net's logger holds numpy scalars
+    (np.float32 is no Python float) and may hold 0-d tensors: anything float() accepts counts."""
+    out = []
+    for v in values:
+        try:
+            number = float(v)
+        except (TypeError, ValueError, RuntimeError):
+            number = math.nan
+        out.append(round(number, digits) if math.isfinite(number) else None)
+    return out
 
 
 def run_summary(run) -> dict:
