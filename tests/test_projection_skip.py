@@ -87,6 +87,21 @@ def test_folded_skip_under_autocast_is_the_recomputed_skip():
     _assert_same(new, old, rtol=0, atol=0)
 
 
+def test_folded_skip_follows_layers_swapped_after_construction():
+    """The receptive-field measurement swaps every spatial norm for identity after the network is built: the skip
+    must then run its own (changed) layers instead of failing to find its InstanceNorm."""
+    plain = _plain_skip(2, 2, True, False, torch.float64)
+    folded = FoldedNormSkip(*plain)
+    for module in list(folded.modules()):
+        if hasattr(module, "norm"):
+            module.norm = nn.Identity()
+            module.all_modules = nn.Sequential(
+                *[nn.Identity() if isinstance(m, nn.InstanceNorm2d) else m for m in module.all_modules]
+            )
+    x = _input(2, 2, torch.float64)
+    _assert_same(_run(folded, x), _run(RecomputedSkip(*folded), x), rtol=0, atol=0)
+
+
 def _encoder(norm_op=nn.InstanceNorm2d, norm_kwargs=None):
     torch.manual_seed(0)
     return HybridEncoder(

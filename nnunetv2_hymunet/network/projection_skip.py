@@ -70,13 +70,16 @@ class FoldedNormSkip(RecomputedSkip):
     to RecomputedSkip (the module's own layers, recomputed in backward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pool, conv, norm = _parts(self)
+        parts = _parts(self)
         if (
-            torch.is_autocast_enabled(x.device.type)
+            parts is None  # the layers were changed after construction (e.g. norms swapped for identity)
+            or not foldable_norm(parts[2])
+            or torch.is_autocast_enabled(x.device.type)
             or not x.dtype.is_floating_point
             or any(p.dtype != x.dtype for p in self.parameters())
         ):
             return super().forward(x)
+        pool, conv, norm = parts
         return folded_conv_instance_norm(x, pool, conv, norm)
 
 
