@@ -70,6 +70,15 @@ def _randomise(module):
             p.add_(0.1 * torch.randn_like(p))
 
 
+def network_outputs_and_grads(net, x):
+    """A network's outputs (deep supervision: a list) and every parameter's gradient under a seeded random probe."""
+    net.zero_grad(set_to_none=True)
+    out = net(x)
+    torch.manual_seed(3)
+    sum((o * torch.randn_like(o)).sum() for o in out).backward()
+    return [o.detach() for o in out], {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
 def _outputs_and_grads(module, forward, inputs, probe_seed=2):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     module.zero_grad(set_to_none=True)
@@ -130,19 +139,12 @@ def test_whole_network_matches_previous_implementation(monkeypatch):
     _randomise(net)
     x = torch.randn(2, 2, 32, 24, dtype=torch.float64)
 
-    def run():
-        net.zero_grad(set_to_none=True)
-        out = net(x)
-        torch.manual_seed(3)
-        sum((o * torch.randn_like(o)).sum() for o in out).backward()
-        return [o.detach() for o in out], {n: p.grad.clone() for n, p in net.named_parameters()}
-
     assert any(isinstance(m, RecomputedSkip) for m in net.modules())
-    new = run()
+    new = network_outputs_and_grads(net, x)
     monkeypatch.setattr(MambaLayer, "forward", previous_mamba_layer_forward)
     monkeypatch.setattr(MambaGuidedFusion, "forward", previous_mgf_forward)
     monkeypatch.setattr(RecomputedSkip, "forward", nn.Sequential.forward)
-    old = run()
+    old = network_outputs_and_grads(net, x)
     for a, b in zip(new[0], old[0]):
         torch.testing.assert_close(a, b, **TOL)
     for name in new[1]:

@@ -14,6 +14,7 @@ from nnunetv2_hymunet.network.hybrid_encoder import HybridEncoder
 from nnunetv2_hymunet.network.projection_skip import FoldedNormSkip, RecomputedSkip
 from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs as hymunet
 from tests.test_network import plans_kwargs
+from tests.test_network_equivalence import _randomise, network_outputs_and_grads
 
 TOL64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -163,26 +164,16 @@ def test_hymunet_uses_folded_skips_and_matches_plain(monkeypatch):
         **plans_kwargs(2, (4, 8, 8, 16), [[1, 1], [2, 2], [2, 2], [2, 2]]),
     ).double()
     net.apply(net.initialize)
-    with torch.no_grad():
-        torch.manual_seed(1)
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    _randomise(net)
     x = torch.randn(2, 2, 32, 24, dtype=torch.float64) * 2 + 1
     skips = [m for m in net.modules() if isinstance(m, RecomputedSkip)]
     assert sum(isinstance(s, FoldedNormSkip) for s in skips) == 3
     assert all(isinstance(s, FoldedNormSkip) for s in skips if any(isinstance(c, nn.Conv2d) for c in s.modules()))
 
-    def run():
-        net.zero_grad(set_to_none=True)
-        out = net(x)
-        torch.manual_seed(3)
-        sum((o * torch.randn_like(o)).sum() for o in out).backward()
-        return [o.detach() for o in out], {n: p.grad.clone() for n, p in net.named_parameters()}
-
-    new = run()
+    new = network_outputs_and_grads(net, x)
     monkeypatch.setattr(FoldedNormSkip, "forward", nn.Sequential.forward)
     monkeypatch.setattr(RecomputedSkip, "forward", nn.Sequential.forward)
-    old = run()
+    old = network_outputs_and_grads(net, x)
     for a, b in zip(new[0], old[0]):
         torch.testing.assert_close(a, b, **TOL64)
     assert new[1].keys() == old[1].keys()
