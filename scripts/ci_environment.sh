@@ -17,17 +17,8 @@ nproc_note=""
 if [ -n "${OMP_NUM_THREADS:-}" ]; then nproc_note=" (nproc follows OMP_NUM_THREADS=$OMP_NUM_THREADS)"; fi
 affinity="$(first "$python" -c 'import os; print(len(os.sched_getaffinity(0)))')"
 show "cpus" "nproc $(first nproc)$nproc_note, nproc --all $(first nproc --all), sched_getaffinity ${affinity:-?}"
-cpu_max=/sys/fs/cgroup/cpu.max  # cgroup v2 inside a container; else this process's own cgroup
-if [ ! -r "$cpu_max" ]; then cpu_max="/sys/fs/cgroup$(first grep '^0::' /proc/self/cgroup | cut -d: -f3-)/cpu.max"; fi
-if [ -r "$cpu_max" ]; then
-  quota="cgroup v2 $cpu_max '$(first cat "$cpu_max")' (quota period in us; 'max' = no quota)"
-elif [ -r /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
-  quota="cgroup v1 cfs_quota_us $(first cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)"
-  quota="$quota / cfs_period_us $(first cat /sys/fs/cgroup/cpu/cpu.cfs_period_us) (-1 = no quota)"
-else
-  quota="no cgroup CPU quota file found"
-fi
-show "cpu quota" "$quota"
+usable="$(first "$python" "$root/scripts/usable_cpus.py")"
+show "cpus used" "${usable:-?} (scripts/usable_cpus.py)"
 model="$(first grep -m1 -E '^(model name|Model|cpu model)' /proc/cpuinfo)"
 flags=" $(first grep -m1 -E '^(flags|Features)' /proc/cpuinfo | cut -d: -f2-) "
 has() { case "$flags" in *" $1 "*) echo "$1 yes" ;; *) echo "$1 no" ;; esac; }

@@ -13,36 +13,7 @@ cd "$root"
 # each other and every parallel op gets many times slower, so unless OMP_NUM_THREADS is set, use the CPUs this process
 # may really run on: min(affinity mask, ceil(quota / period)). A probe that fails leaves OMP_NUM_THREADS unset.
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
-  cpus="$("$venv/bin/python" - 2>/dev/null <<'EOF'
-import math, os
-
-n = len(os.sched_getaffinity(0))
-why = [f"{n} CPUs in the affinity mask"]
-quota = None
-try:
-    v2 = ["/sys/fs/cgroup/cpu.max"] + [
-        "/sys/fs/cgroup" + line.strip()[3:] + "/cpu.max" for line in open("/proc/self/cgroup") if line.startswith("0::")
-    ]
-    v2 = [p for p in v2 if os.path.exists(p)]
-    if v2:
-        q, period = open(v2[0]).read().split()[:2]
-        quota = None if q == "max" else (int(q), int(period))
-    else:
-        for d in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
-            if os.path.exists(f"{d}/cpu.cfs_quota_us"):
-                q = int(open(f"{d}/cpu.cfs_quota_us").read())
-                quota = (q, int(open(f"{d}/cpu.cfs_period_us").read())) if q > 0 else None
-                break
-except (OSError, ValueError):
-    why.append("cgroup quota unreadable")
-if quota:
-    n = min(n, max(1, math.ceil(quota[0] / quota[1])))
-    why.append(f"cgroup CPU quota {quota[0]}/{quota[1]}")
-elif len(why) == 1:
-    why.append("no cgroup CPU quota")
-print(n, ", ".join(why))
-EOF
-)" || cpus=""
+  cpus="$("$venv/bin/python" "$root/scripts/usable_cpus.py" 2>/dev/null)" || cpus=""
   visible="$(nproc 2>/dev/null)" || visible="?"
   if [[ "$cpus" =~ ^[1-9][0-9]*\  ]]; then
     export OMP_NUM_THREADS="${cpus%% *}"
