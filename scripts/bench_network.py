@@ -203,8 +203,10 @@ def run(
         print(f"round {r + 1}/{repeats} done, load average {os.getloadavg()}", flush=True)
     for name in names:
         results[name]["forward_s"] = statistics.median(fwd[name])
+        results[name]["forward_rounds_s"] = fwd[name]
         if not forward_only:
             results[name]["train_step_s"] = statistics.median(step[name])
+            results[name]["train_step_rounds_s"] = step[name]
     del nets
     for name in names:
         probe = subprocess.run(
@@ -229,6 +231,7 @@ def run(
         )
         results[name].update(json.loads(probe.stdout.strip().splitlines()[-1]))
     print_table(results, forward_only, flops)
+    print_round_ratios(results, forward_only)
     print(f"\nload average at the end {os.getloadavg()}")
     if json_path:
         atomic_write_text(
@@ -275,6 +278,25 @@ def print_table(results: dict, forward_only: bool, flops: bool) -> None:
             f"{r['peak_rss_increase_mib'] / base['peak_rss_increase_mib']:.2f}",
         ]
         print("| " + " | ".join(cells) + " |")
+
+
+def print_round_ratios(results: dict, forward_only: bool) -> None:
+    """Each round's times and its ratio to PlainConvUNet in the same round: the models of one round ran back to
+    back, so these ratios are not moved by the drift of this VM's speed between rounds that moves the medians."""
+    base = results["PlainConvUNet"]
+    for key, label in [("forward_rounds_s", "forward")] + ([] if forward_only else [("train_step_rounds_s", "step")]):
+        print(
+            f"\n{label} per round (s): "
+            + "; ".join(f"{name} {', '.join(f'{t:.2f}' for t in r[key])}" for name, r in results.items())
+        )
+        for name, r in results.items():
+            if r is base:
+                continue
+            ratios = [t / b for t, b in zip(r[key], base[key])]
+            print(
+                f"{label} ratio {name} / PlainConvUNet per round: {', '.join(f'{q:.3f}' for q in ratios)}; "
+                f"median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}"
+            )
 
 
 def side_by_side(repeats: int, threads: int, json_path: str = None) -> None:

@@ -16,7 +16,7 @@ step (forward with deep supervision, a loss over all outputs, backward).
 Usage:
   python scripts/profile_components.py --plan isic-like-2d [--batch 2] [--patch 768 1024] [--no-time]
       [--variant NAME KEY=VALUE ...]   (HyMUNet knobs; repeatable; default: the default HyMUNet)
-  python scripts/profile_components.py --plan brats-like-3d --batch 2
+  python scripts/profile_components.py --plan brats-like-3d --forward-only   (inference forward, the 3D check)
 """
 
 import argparse
@@ -33,6 +33,7 @@ import torch
 from nnunetv2_hymunet.fs_safety import atomic_write_text
 
 PLANS = ("isic-like-2d", "brats-like-3d")
+NAN = float("nan")
 
 
 def plan_arch(plan: str):
@@ -135,8 +136,9 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def component_times(net, x, repeats: int) -> dict:
-    """{label: (forward s, forward + backward s)} of each component run alone at its in-network input shape."""
+def component_times(net, x, repeats: int, forward_only: bool = False) -> dict:
+    """{label: (forward s, forward + backward s)} of each component run alone at its in-network input shape
+    (forward + backward is NaN with forward_only)."""
     shapes, stack = {}, []
     with torch.no_grad(), labelled(net, stack, shapes):
         net(x)
@@ -155,13 +157,13 @@ def component_times(net, x, repeats: int) -> dict:
             out = module(*ins)
             out.backward(torch.ones_like(out))
 
-        results[label] = (_median_time(fwd, repeats), _median_time(fwd_bwd, repeats))
+        results[label] = (_median_time(fwd, repeats), NAN if forward_only else _median_time(fwd_bwd, repeats))
         if label.endswith(tuple(f"mamba{i}" for i in range(8))):
-            results.update(direction_times(module, inputs[0], label, repeats))
+            results.update(direction_times(module, inputs[0], label, repeats, forward_only))
     return results
 
 
-def direction_times(layer, x, label: str, repeats: int) -> dict:
+def direction_times(layer, x, label: str, repeats: int, forward_only: bool = False) -> dict:
     """Per scan direction: the layout copies alone, and the whole direction (copies, conv, scan) forward/backward."""
     from nnunetv2_hymunet.network.mamba_layer import direction_scan, from_sequence, to_sequence
 
@@ -187,9 +189,24 @@ def direction_times(layer, x, label: str, repeats: int) -> dict:
             out = direction_scan(mamba, xi, direction, spatial)
             out.backward(torch.ones_like(out))
 
-        results[name + ".copies"] = (_median_time(copies, repeats), float("nan"))
-        results[name] = (_median_time(fwd, repeats), _median_time(fwd_bwd, repeats))
+        results[name + ".copies"] = (_median_time(copies, repeats), NAN)
+        results[name] = (_median_time(fwd, repeats), NAN if forward_only else _median_time(fwd_bwd, repeats))
     return results
+
+
+def forward_time(net, x, repeats: int) -> float:
+    """The whole network's inference forward (no gradients, no deep supervision), as nnU-Net predicts."""
+    net.eval()
+    net.decoder.deep_supervision = False
+
+    def forward():
+        with torch.no_grad():
+            net(x)
+
+    try:
+        return _median_time(forward, repeats)
+    finally:
+        net.decoder.deep_supervision = True
 
 
 def step_time(net, x, repeats: int) -> float:
@@ -226,6 +243,12 @@ def main(argv=None) -> int:
         help="a HyMUNet built with these knobs, e.g. --variant deep3 mamba_stages=[5,6,7]",
     )
     parser.add_argument("--no-time", action="store_true", help="saved bytes only (any load)")
+    parser.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="time forward passes only: each component's, and the whole network's inference forward instead of the "
+        "training step (the 3D plan's check)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", default=None)
@@ -242,6 +265,7 @@ def main(argv=None) -> int:
         f"plan {args.plan}, patch {patch}, batch {batch}, threads {args.threads}, load average {os.getloadavg()}",
         flush=True,
     )
+    whole = "forward_s" if args.forward_only else "step_s"
     report = {}
     for name, knobs in variants:
         net = build(name, knobs, kwargs, channels, classes)
@@ -253,8 +277,8 @@ def main(argv=None) -> int:
             "conv_feature_map_size": int(net.compute_conv_feature_map_size(patch)) * batch,
         }
         if not args.no_time:
-            entry["component_times"] = component_times(net, x, args.repeats)
-            entry["step_s"] = step_time(net, x, args.repeats)
+            entry["component_times"] = component_times(net, x, args.repeats, args.forward_only)
+            entry[whole] = (forward_time if args.forward_only else step_time)(net, x, args.repeats)
         report[name] = entry
         del net
         print(f"{name} done, load average {os.getloadavg()}", flush=True)
@@ -262,7 +286,7 @@ def main(argv=None) -> int:
     base = report["PlainConvUNet"]
     print(
         "\n| model | saved for backward (MiB) | ratio | compute_conv_feature_map_size ratio |"
-        + (" train step (s) | ratio |" if not args.no_time else "")
+        + ((" forward (s) | ratio |" if args.forward_only else " train step (s) | ratio |") if not args.no_time else "")
     )
     print("|---|---|---|---|" + ("---|---|" if not args.no_time else ""))
     for name, r in report.items():
@@ -272,7 +296,7 @@ def main(argv=None) -> int:
             f"{r['conv_feature_map_size'] / base['conv_feature_map_size']:.3f} |"
         )
         if not args.no_time:
-            line += f" {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} |"
+            line += f" {r[whole]:.2f} | {r[whole] / base[whole]:.2f} |"
         print(line)
     for name, r in report.items():
         print(f"\n### {name} {r['knobs'] or ''}: per component\n")
