@@ -209,6 +209,48 @@ def forward_time(net, x, repeats: int) -> float:
         net.decoder.deep_supervision = True
 
 
+def in_network_forward_times(nets: dict, x, repeats: int) -> dict:
+    """{model: {label: median s}} of each component inside the whole network's inference forward, the models run
+    round-robin (one forward each per round, after a warm-up round), so a drift of the machine's speed hits them alike;
+    "other" is what runs outside the components (PlainConvUNet's skip concatenation, HyMUNet's layer glue), "whole"
+    the forward itself."""
+    rounds = {name: [] for name in nets}
+    handles, clocks = [], {}
+    for name, net in nets.items():
+        net.eval()
+        net.decoder.deep_supervision = False
+        for module, label in components(net).items():
+            key = (name, label)
+
+            def pre(m, args, key=key):
+                clocks[key] = time.perf_counter()
+
+            def post(m, args, out, key=key):
+                clocks["elapsed"][key] = clocks["elapsed"].get(key, 0.0) + time.perf_counter() - clocks[key]
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        for r in range(repeats + 1):
+            for name, net in nets.items():
+                clocks["elapsed"] = {}
+                start = time.perf_counter()
+                with torch.no_grad():
+                    net(x)
+                whole = time.perf_counter() - start
+                if r:  # round 0 warms up
+                    times = {label: t for (_, label), t in clocks["elapsed"].items()}
+                    rounds[name].append({**times, "other": whole - sum(times.values()), "whole": whole})
+    finally:
+        for h in handles:
+            h.remove()
+        for net in nets.values():
+            net.decoder.deep_supervision = True
+    return {
+        name: {label: statistics.median(r[label] for r in per_round) for label in per_round[0]}
+        for name, per_round in rounds.items()
+    }
+
+
 def step_time(net, x, repeats: int) -> float:
     def step():
         net.zero_grad(set_to_none=True)
@@ -282,6 +324,20 @@ def main(argv=None) -> int:
         report[name] = entry
         del net
         print(f"{name} done, load average {os.getloadavg()}", flush=True)
+
+    if args.forward_only and not args.no_time:
+        nets = {name: build(name, knobs, kwargs, channels, classes) for name, knobs in variants}
+        inside = in_network_forward_times(nets, x, args.repeats)
+        del nets
+        for name in report:
+            report[name]["in_network_forward_s"] = inside[name]
+        labels = sorted(set().union(*(set(t) for t in inside.values())) - {"other", "whole"}, key=_order)
+        print("\n### Inside the network's forward, models round-robin (median s)\n")
+        print("| component | " + " | ".join(inside) + " |")
+        print("|---|" + "---|" * len(inside))
+        for label in labels + ["other", "whole"]:
+            cells = [f"{1e3 * t[label]:.0f} ms" if label in t else "–" for t in inside.values()]
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
     base = report["PlainConvUNet"]
     print(
