@@ -70,6 +70,22 @@ def _randomise(module):
             p.add_(0.1 * torch.randn_like(p))
 
 
+def small_randomised_hymunet(n_mamba_stages: int, features):
+    """A seeded 4-stage 2D HyMUNet (2 input channels, 3 classes, deep supervision on) in float64 with every parameter
+    moved off its init (_randomise): the network the whole-network equivalence tests compare two code paths on."""
+    torch.manual_seed(0)
+    net = hymunet(
+        input_channels=2,
+        num_classes=3,
+        deep_supervision=True,
+        n_mamba_stages=n_mamba_stages,
+        **plans_kwargs(2, features, [[1, 1], [2, 2], [2, 2], [2, 2]]),
+    ).double()
+    net.apply(net.initialize)
+    _randomise(net)
+    return net
+
+
 def network_outputs_and_grads(net, x):
     """A network's outputs (deep supervision: a list) and every parameter's gradient under a seeded random probe."""
     net.zero_grad(set_to_none=True)
@@ -127,16 +143,7 @@ def test_mgf_matches_previous_implementation(dim, gate_norm, channels):
 def test_whole_network_matches_previous_implementation(monkeypatch):
     """Every Mamba layer, MGF gate and recomputed residual projection of a small 2D HyMUNet swapped back to the
     previous code: same outputs and gradients for every parameter (deep supervision on, as in training)."""
-    torch.manual_seed(0)
-    net = hymunet(
-        input_channels=2,
-        num_classes=3,
-        deep_supervision=True,
-        n_mamba_stages=3,
-        **plans_kwargs(2, (4, 8, 8, 8), [[1, 1], [2, 2], [2, 2], [2, 2]]),
-    ).double()
-    net.apply(net.initialize)
-    _randomise(net)
+    net = small_randomised_hymunet(3, (4, 8, 8, 8))
     x = torch.randn(2, 2, 32, 24, dtype=torch.float64)
 
     assert any(isinstance(m, RecomputedSkip) for m in net.modules())

@@ -12,9 +12,7 @@ from torch import nn
 
 from nnunetv2_hymunet.network.hybrid_encoder import HybridEncoder
 from nnunetv2_hymunet.network.projection_skip import FoldedNormSkip, RecomputedSkip
-from nnunetv2_hymunet.planning.architecture import hymunet_from_unet_kwargs as hymunet
-from tests.test_network import plans_kwargs
-from tests.test_network_equivalence import _randomise, network_outputs_and_grads
+from tests.test_network_equivalence import network_outputs_and_grads, small_randomised_hymunet
 
 TOL64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -155,16 +153,7 @@ def test_folded_skip_keeps_only_its_input():
 def test_hymunet_uses_folded_skips_and_matches_plain(monkeypatch):
     """Every projection skip of a small 2D HyMUNet with a conv is a FoldedNormSkip; swapped back to the plain
     Sequential forward: the same outputs and gradients for every parameter, in float64 (deep supervision on)."""
-    torch.manual_seed(0)
-    net = hymunet(
-        input_channels=2,
-        num_classes=3,
-        deep_supervision=True,
-        n_mamba_stages=2,
-        **plans_kwargs(2, (4, 8, 8, 16), [[1, 1], [2, 2], [2, 2], [2, 2]]),
-    ).double()
-    net.apply(net.initialize)
-    _randomise(net)
+    net = small_randomised_hymunet(2, (4, 8, 8, 16))
     x = torch.randn(2, 2, 32, 24, dtype=torch.float64) * 2 + 1
     skips = [m for m in net.modules() if isinstance(m, RecomputedSkip)]
     assert sum(isinstance(s, FoldedNormSkip) for s in skips) == 3
